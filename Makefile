@@ -1,0 +1,35 @@
+# Two entry points, both usable on a fresh machine with Python 3.11:
+#   make book   -> .venv/, pinned deps, every notebook executed in the `ci` profile, _build/html/
+#   make test   -> .venv/ (created or reused), companion tests, notebooks in `ci`, book build -W
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg PYTHONHASHSEED=0
+
+.PHONY: book test unit notebooks bench clean
+
+$(STAMP): requirements/lock-cpu.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements/lock-cpu.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+book: $(STAMP)
+	$(OFFLINE) $(BIN)/jupyter-book build . -W --keep-going
+
+unit: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m pytest tests -q
+
+notebooks: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/run_notebooks.py --profile ci
+
+test: unit notebooks book
+
+bench: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m benchmarks
+
+clean:
+	rm -rf _build

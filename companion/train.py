@@ -1,0 +1,130 @@
+"""One small, readable training loop shared by the chapters.
+
+It does what a reader needs to see and nothing else: seeded data order, gradient
+accumulation, optional clipping, two hooks (``after_backward`` to inspect gradients,
+``after_step`` for AdaLoRA's rank allocation, which PEFT runs after
+``optimizer.step()`` and before ``zero_grad()``), periodic evaluation, a ``tqdm``
+progress bar, and a log of loss, time per step and peak memory.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings; the defaults are the ``ci`` profile's."""
+
+    max_steps: int = 100  # optimizer steps
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    eval_every: int = 50  # optimizer steps between evaluations (0: only at the end)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.max_steps <= 0:
+            raise ValueError(f"max_steps must be positive, got {self.max_steps}")
+        if self.grad_accum <= 0:
+            raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
+
+
+@dataclass
+class TrainLog:
+    steps: list[dict] = field(default_factory=list)  # one row per optimizer step
+    evals: list[dict] = field(default_factory=list)  # one row per evaluation
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.steps)
+
+    def eval_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.evals)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory so far: ``torch.cuda.max_memory_allocated`` on CUDA, else the
+    process's peak resident set size (``ru_maxrss``), which includes more than tensors."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def cycle(loader: Iterable) -> Iterable:
+    """Repeat a DataLoader forever; a seeded sampler reshuffles each pass."""
+    while True:
+        yield from loader
+
+
+def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
+          config: TrainConfig = TrainConfig(), *, scheduler=None,
+          evaluate: Callable[[torch.nn.Module], dict] | None = None,
+          after_backward: Callable[[int, torch.nn.Module], None] | None = None,
+          after_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainLog:
+    """Train ``model`` for ``config.max_steps`` optimizer steps on batches from ``loader``.
+
+    Batches are dicts of tensors that the model accepts as keyword arguments and that
+    include ``labels``, so ``model(**batch).loss`` is the loss (transformers convention).
+    ``evaluate(model)`` returns a dict of metrics; it runs every ``eval_every`` steps
+    and after the last one, in ``eval`` mode.
+    """
+    device = next(model.parameters()).device
+    log = TrainLog()
+    batches = iter(cycle(loader))
+    model.train()
+    bar = tqdm(range(1, config.max_steps + 1), desc="train", disable=not config.progress,
+               mininterval=2.0, file=sys.stderr)
+    for step in bar:
+        start = time.perf_counter()
+        loss_sum = 0.0
+        for _ in range(config.grad_accum):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            loss = model(**batch).loss / config.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        if after_backward is not None:
+            after_backward(step, model)
+        if config.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        if after_step is not None:  # e.g. AdaLoRA's update_and_allocate: needs the gradients
+            after_step(step, model)
+        optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
+        log.steps.append({"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
+                          "seconds": time.perf_counter() - start,
+                          "peak_memory_bytes": peak_memory_bytes(device)})
+        bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
+        last = step == config.max_steps
+        if evaluate is not None and (last or (config.eval_every and step % config.eval_every == 0)):
+            model.eval()
+            with torch.no_grad():
+                metrics = evaluate(model)
+            model.train()
+            log.evals.append({"step": step, **metrics})
+    model.eval()
+    return log
+
+
+@torch.no_grad()
+def classification_accuracy(model: torch.nn.Module, loader: Iterable) -> float:
+    """Share of examples whose arg-max logit equals ``labels``."""
+    device = next(model.parameters()).device
+    correct = total = 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        total += batch["labels"].numel()
+    if total == 0:
+        raise ValueError("classification_accuracy got an empty loader")
+    return correct / total
