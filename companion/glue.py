@@ -1,0 +1,21 @@
+"""Hand numbers from a notebook to the book's prose (MyST-NB ``glue``).
+
+In the book build ``myst_nb`` is installed and :func:`glue` stores the value under ``name``
+so that a chapter can write ``{glue:text}`notebooks/ch01_memory_wall.ipynb::name:.1f```.
+Elsewhere (Colab, a plain Jupyter) there is no book to paste into, so the value is only
+returned. Either way the notebook's own output shows the number.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def glue(name: str, value: Any) -> Any:
+    """Store ``value`` for the book under ``name`` (when building the book) and return it."""
+    try:
+        from myst_nb import glue as _myst_glue
+    except ImportError:
+        return value
+    _myst_glue(name, value, display=False)
+    return value

@@ -1,0 +1,374 @@
+"""Memory accounting for full, LoRA, AdaLoRA and QLoRA fine-tuning, from a model config alone.
+
+``footprint(config, method)`` counts, with plain integer arithmetic, the bytes a training run holds:
+
+- **weights**: every parameter and buffer of the base model as transformers stores it. For the 4-bit methods
+  each quantised ``nn.Linear`` weight is packed NF4, ``ceil(n/2)`` bytes, plus its ``QuantState``
+  (``bitsandbytes.functional.quantize_4bit``): one fp32 ``absmax`` per block of ``blocksize``; with double
+  quantisation (QLoRA paper §3, Eq. 5-6) a uint8 ``absmax`` per block, an fp32 ``state2.absmax`` per 256
+  blocks and one fp32 ``offset`` per tensor. The shared code tables are not counted. Which Linears stay
+  unquantised follows transformers ``get_keys_to_not_convert`` (tied weights, the module of the last named
+  parameter, the output embedding) unless ``skip_modules`` replaces that list, as ``llm_int8_skip_modules``
+  does. Everything else is stored in ``compute_dtype`` (load with ``dtype=compute_dtype``); the rotary
+  ``inv_freq`` buffers stay fp32 and BERT/RoBERTa ``position_ids``/``token_type_ids`` are int64.
+- **adapter**: LoRA ``lora_A`` (r, in) and ``lora_B`` (out, r); AdaLoRA adds ``lora_E`` (r, 1) and the frozen
+  ``ranknum`` (1,), in ``adapter_dtype``: fp32 by default, as PEFT keeps them (``autocast_adapter_dtype=True``);
+  artidoro/qlora casts its LoRA layers to bf16 (``adapter_dtype="bfloat16"``). For AdaLoRA ``r`` is
+  PEFT's ``init_r``: shapes never shrink during training (masking zeroes ``lora_E``), so ``target_r`` does
+  not change memory. With ``head="seq-cls"`` PEFT (``task_type="SEQ_CLS"``) also trains a copy of the
+  classification head (``modules_to_save``, stored in the base dtype); it is counted here, so
+  ``trainable_params = adapter_params + head params``, which equals PEFT's ``get_nb_trainable_parameters``.
+  (peft 0.21.2 quirk: on a bf16/fp16 base ``ranknum`` is left ``requires_grad=True`` and PEFT then reports
+  one more trainable parameter per AdaLoRA module; it is not an adapter parameter and is not counted.)
+- **full fine-tuning** convention: weights and gradients in ``compute_dtype``, AdamW's two states in fp32.
+  That is 12 B/param in bf16, the QLoRA paper's ">780 GB" for LLaMA-65B. ``master_weights=True`` adds
+  an fp32 master copy (+4 B/param, the 16 B/param mixed-precision recipe of ZeRO, Rajbhandari et al. 2020).
+- **optimizer**: ``adamw``/``paged_adamw_32bit``: two fp32 states (torch AdamW on fp32 parameters, bnb's 32-bit
+  optimizers on any; paging moves them to CPU only under memory pressure). ``adamw-8bit``/``paged_adamw_8bit``:
+  two uint8 states plus an fp32 absmax per 256 values for every tensor of at least 4096 values, fp32 states
+  below that (``bitsandbytes.optim.Optimizer8bit``, ``min_8bit_size=4096``). ``sgd`` (no momentum): none.
+- **activations** (an estimate, not a measurement): the tensors autograd saves for backward, per layer and
+  token, in units of ``compute_dtype`` elements, with a fused attention kernel (SDPA/flash: no seq x seq
+  matrices kept)::
+
+      decoder (pre-RMSNorm, SwiGLU):   8*h + 2*q_dim + 2*kv_dim + 4*i
+          2 norms x (input upcast to fp32 = 2h, normalised h, output h), q and k after rotary, v,
+          attention output, then gate, up, silu(gate) and their product (i each)
+      encoder (post-LayerNorm, GELU):  4*h + 2*q_dim + 2*kv_dim + 2*i   (q_dim = kv_dim = h)
+
+  times batch x seq x layers. With gradient checkpointing only each layer's input (h) is kept, plus one
+  layer recomputed during backward. A causal-LM head adds its logits, batch x seq x vocab, in
+  ``compute_dtype`` (returned) and in fp32 (the loss's log-softmax). Dropout masks, temporaries and
+  allocator fragmentation are not counted.
+- **AdaLoRA importance scores**: ``RankAllocator.update_ipt`` keeps ``ipt``, ``exp_avg_ipt`` and
+  ``exp_avg_unc`` (AdaLoRA paper Eq. 10-12), three fp32 tensors shaped like each adapter tensor.
+
+``gb`` formats decimal gigabytes (1 GB = 1e9 bytes), the unit of the QLoRA paper's tables.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+METHODS = ("full", "lora", "adalora", "qlora", "qlora-adalora")
+HEADS = ("causal-lm", "seq-cls", "none")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# optimizer name -> bits per Adam state (0: no state)
+OPTIMIZERS = {"adamw": 32, "paged_adamw_32bit": 32, "adamw-8bit": 8, "paged_adamw_8bit": 8, "sgd": 0}
+DECODERS = ("llama", "mistral", "qwen2")
+ENCODERS = ("bert", "roberta")
+# peft.utils.constants TRANSFORMERS_MODELS_TO_{LORA,ADALORA}_TARGET_MODULES_MAPPING (peft 0.21.2)
+DEFAULT_TARGET_MODULES = {
+    "lora": {"llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+             "bert": ["query", "value"], "roberta": ["query", "value"]},
+    "adalora": {"llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+                "bert": ["query", "value"], "roberta": ["query", "key", "value", "dense"]},
+}
+NESTED_BLOCKSIZE = 256  # bitsandbytes quantize_4bit(compress_statistics=True), hard-coded
+
+# Published configs (each model's config.json on the Hugging Face Hub), as transformers config kwargs.
+PUBLISHED_CONFIGS = {
+    "llama-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
+    "llama-13b": dict(model_type="llama", hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                      num_key_value_heads=40, intermediate_size=13824, vocab_size=32000, tie_word_embeddings=False),
+    "llama-33b": dict(model_type="llama", hidden_size=6656, num_hidden_layers=60, num_attention_heads=52,
+                      num_key_value_heads=52, intermediate_size=17920, vocab_size=32000, tie_word_embeddings=False),
+    "llama-65b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=64, intermediate_size=22016, vocab_size=32000, tie_word_embeddings=False),
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False),
+    "llama-2-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672, vocab_size=32000, tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=32000, tie_word_embeddings=False),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(model_type="llama", hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, intermediate_size=5632, vocab_size=32000, tie_word_embeddings=False),
+    "bert-base-uncased": dict(model_type="bert", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                              intermediate_size=3072, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2),
+    "roberta-base": dict(model_type="roberta", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                         intermediate_size=3072, vocab_size=50265, max_position_embeddings=514, type_vocab_size=1),
+    "roberta-large": dict(model_type="roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                          intermediate_size=4096, vocab_size=50265, max_position_embeddings=514, type_vocab_size=1),
+}
+
+
+def gb(n_bytes: float) -> str:
+    """Decimal gigabytes (1 GB = 1e9 bytes), e.g. ``gb(3_870_000_000) == '3.87 GB'``."""
+    return f"{n_bytes / 1e9:.2f} GB"
+
+
+def _check_blocksize(blocksize: int) -> None:
+    if not (isinstance(blocksize, int) and 32 <= blocksize <= 4096 and blocksize & (blocksize - 1) == 0):
+        raise ValueError(f"blocksize must be a power of two in [32, 4096] (bitsandbytes quantize_4bit), "
+                         f"got {blocksize!r}")
+
+
+def bytes_4bit(numel: int, *, blocksize: int = 64, double_quant: bool = False) -> int:
+    """Bytes of one 4-bit tensor as bitsandbytes stores it: packed codes plus ``QuantState`` tensors."""
+    _check_blocksize(blocksize)
+    blocks = math.ceil(numel / blocksize)
+    packed = math.ceil(numel / 2)  # two 4-bit codes per uint8
+    if not double_quant:
+        return packed + 4 * blocks  # fp32 absmax per block
+    # uint8 absmax per block + fp32 state2.absmax per 256 blocks + one fp32 offset (QLoRA §3, Eq. 6)
+    return packed + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4
+
+
+def bits_per_parameter(numel: int = 4096 * 4096, *, blocksize: int = 64, double_quant: bool = False) -> float:
+    """Storage bits per weight of a 4-bit tensor: 4.5 at blocksize 64, about 4.127 with double quantisation."""
+    return 8 * bytes_4bit(numel, blocksize=blocksize, double_quant=double_quant) / numel
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Bytes held by one training run; ``total_bytes`` is their sum. Parameter counts are logical (unpacked)."""
+
+    method: str
+    weight_bytes: int  # base model: parameters, buffers, 4-bit quantisation state
+    adapter_bytes: int  # everything get_peft_model adds: adapter, AdaLoRA ranknum, trainable head copy
+    grad_bytes: int
+    optimizer_bytes: int  # optimizer states (+ fp32 master weights if asked for)
+    importance_bytes: int  # AdaLoRA RankAllocator: ipt, exp_avg_ipt, exp_avg_unc, fp32 per adapter value
+    activation_bytes: int  # an estimate, see the module docstring
+    adapter_params: int  # lora_A + lora_B (+ lora_E): PEFT's trainable count without the head
+    trainable_params: int
+    total_params: int  # base model + adapter
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(v for k, v in asdict(self).items() if k.endswith("_bytes"))
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+    def to_gb(self) -> dict:
+        """The byte fields in decimal GB."""
+        return {k: v / 1e9 for k, v in self.as_dict().items() if k.endswith("_bytes")}
+
+    def __str__(self) -> str:
+        rows = [f"{k.removesuffix('_bytes'):<12}{gb(v):>12}" for k, v in self.as_dict().items() if k.endswith("_bytes")]
+        params = (f"trainable {self.trainable_params:,} of {self.total_params:,} params "
+                  f"(adapter {self.adapter_params:,})")
+        return "\n".join([f"{self.method}: {params}", *rows])
+
+
+@dataclass(frozen=True)
+class _Module:
+    """A module with parameters, in ``named_parameters`` order; a Linear weight is (out, in), as in torch."""
+
+    name: str
+    kind: str  # "linear" | "embedding" | "norm"
+    out: int
+    in_: int = 1
+    bias: bool = False
+    tied: bool = False  # weight shared with the input embedding: no parameters of its own
+
+    @property
+    def tensors(self) -> tuple[int, ...]:
+        """numel of each parameter tensor: weight, then bias."""
+        return () if self.tied else (self.out * self.in_,) + ((self.out,) if self.bias else ())
+
+
+def _as_dict(config) -> dict:
+    if isinstance(config, str):
+        if config not in PUBLISHED_CONFIGS:
+            raise ValueError(f"unknown published config {config!r}; choose one of {sorted(PUBLISHED_CONFIGS)}")
+        return dict(PUBLISHED_CONFIGS[config])
+    cfg = dict(config) if isinstance(config, dict) else config.to_dict()
+    if cfg.get("model_type") not in DECODERS + ENCODERS:
+        raise ValueError(f"unsupported architecture model_type={cfg.get('model_type')!r}; "
+                         f"supported: {sorted(DECODERS + ENCODERS)} or a name in {sorted(PUBLISHED_CONFIGS)}")
+    return cfg
+
+
+def _attention_dims(cfg: dict) -> tuple[int, int, int]:
+    """(head_dim, q_dim, kv_dim); grouped-query attention shares kv heads: kv_dim = num_key_value_heads * head_dim."""
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return head_dim, heads * head_dim, (cfg.get("num_key_value_heads") or heads) * head_dim
+
+
+def _modules(cfg: dict, head: str) -> list[_Module]:
+    """Named as in transformers ``*ForCausalLM`` / ``*ForSequenceClassification`` / the bare ``*Model``."""
+    mt, h, inter, vocab = cfg["model_type"], cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    labels, lin = len(cfg["id2label"]) if cfg.get("id2label") else cfg.get("num_labels", 2), "linear"
+    if mt in DECODERS:
+        _, q, kv = _attention_dims(cfg)
+        qkv_b = mt == "qwen2" or (mt == "llama" and bool(cfg.get("attention_bias")))
+        o_b = mt == "llama" and bool(cfg.get("attention_bias"))
+        mlp_b = mt == "llama" and bool(cfg.get("mlp_bias"))
+        p = "" if head == "none" else "model."
+        mods = [_Module(f"{p}embed_tokens", "embedding", vocab, h)]
+        for i in range(cfg["num_hidden_layers"]):
+            a, m, n = f"{p}layers.{i}.self_attn.", f"{p}layers.{i}.mlp.", f"{p}layers.{i}."
+            mods += [_Module(a + "q_proj", lin, q, h, qkv_b), _Module(a + "k_proj", lin, kv, h, qkv_b),
+                     _Module(a + "v_proj", lin, kv, h, qkv_b), _Module(a + "o_proj", lin, h, q, o_b),
+                     _Module(m + "gate_proj", lin, inter, h, mlp_b), _Module(m + "up_proj", lin, inter, h, mlp_b),
+                     _Module(m + "down_proj", lin, h, inter, mlp_b),
+                     _Module(n + "input_layernorm", "norm", h), _Module(n + "post_attention_layernorm", "norm", h)]
+        mods.append(_Module(f"{p}norm", "norm", h))  # RMSNorm: weight only
+        if head == "causal-lm":
+            mods.append(_Module("lm_head", lin, vocab, h, tied=bool(cfg.get("tie_word_embeddings"))))
+        elif head == "seq-cls":
+            mods.append(_Module("score", lin, labels, h))
+        return mods
+    p, e = ("" if head == "none" else f"{mt}."), ("" if head == "none" else f"{mt}.") + "embeddings."
+    mods = [_Module(e + "word_embeddings", "embedding", vocab, h),
+            _Module(e + "position_embeddings", "embedding", cfg.get("max_position_embeddings", 512), h),
+            _Module(e + "token_type_embeddings", "embedding", cfg.get("type_vocab_size", 2), h),
+            _Module(e + "LayerNorm", "norm", h, bias=True)]
+    for i in range(cfg["num_hidden_layers"]):
+        b = f"{p}encoder.layer.{i}."
+        mods += [_Module(b + f"attention.self.{n}", lin, h, h, True) for n in ("query", "key", "value")]
+        mods += [_Module(b + "attention.output.dense", lin, h, h, True),
+                 _Module(b + "attention.output.LayerNorm", "norm", h, bias=True),
+                 _Module(b + "intermediate.dense", lin, inter, h, True),
+                 _Module(b + "output.dense", lin, h, inter, True),
+                 _Module(b + "output.LayerNorm", "norm", h, bias=True)]
+    if head == "none" or mt == "bert":  # RobertaForSequenceClassification builds RobertaModel(add_pooling_layer=False)
+        mods.append(_Module(f"{p}pooler.dense", lin, h, h, True))
+    if head == "seq-cls":
+        mods += ([_Module("classifier", lin, labels, h, True)] if mt == "bert" else
+                 [_Module("classifier.dense", lin, h, h, True), _Module("classifier.out_proj", lin, labels, h, True)])
+    return mods
+
+
+def _unquantized(name: str, patterns) -> bool:
+    """Negated transformers ``should_convert_module``: a pattern matches up to a module boundary, or a suffix."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{key}){boundary}", name) or name.endswith(key) for key in patterns)
+
+
+def _default_skip_modules(mods: list[_Module], head: str) -> list[str]:
+    """transformers ``get_keys_to_not_convert``: tied weights, last named parameter, output embedding."""
+    last = next(m for m in reversed(mods) if not m.tied)
+    last_param = f"{last.name}.bias" if last.bias else last.name  # ".weight" is stripped there, ".bias" is not
+    return [last_param] + (["lm_head", mods[0].name] if head == "causal-lm" else [])
+
+
+def _targeted(linears: list[_Module], target_modules, excluded: set[str]) -> list[_Module]:
+    """peft ``check_target_module_exists``: a list entry matches a name or a ``.``-suffix; a string is a regex."""
+    names = sorted({m.name.rsplit(".", 1)[-1] for m in linears})
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        return [m for m in linears if m.name not in excluded]
+    if isinstance(target_modules, str):
+        hits = [m for m in linears if re.fullmatch(target_modules, m.name)]
+        if not hits:
+            raise ValueError(f"target_modules regex {target_modules!r} matches no Linear module; names: {names}")
+        return [m for m in hits if m.name not in excluded]
+    for key in target_modules:
+        if not any(m.name == key or m.name.endswith("." + key) for m in linears):
+            raise ValueError(f"target module {key!r} does not exist in this architecture; Linear modules: {names}")
+    return [m for m in linears if m.name not in excluded
+            and any(m.name == key or m.name.endswith("." + key) for key in target_modules)]
+
+
+def _optimizer_bytes(tensors: list[int], bits: int) -> int:
+    """Adam's exp_avg and exp_avg_sq per tensor; bnb's 8-bit states: uint8 + fp32 absmax per 256 values."""
+    if bits == 0:
+        return 0
+    if bits == 32:
+        return 8 * sum(tensors)
+    return sum(8 * n if n < 4096 else 2 * (n + 4 * math.ceil(n / 256)) for n in tensors)
+
+
+def _activation_bytes(cfg: dict, head: str, tokens: int, checkpointing: bool, wb: int) -> int:
+    """Saved-for-backward estimate of the module docstring: (layers x per-layer, or checkpoints) x tokens."""
+    h, inter, n_layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    if cfg["model_type"] in DECODERS:
+        _, q, kv = _attention_dims(cfg)
+        per_layer = 8 * h + 2 * q + 2 * kv + 4 * inter
+    else:
+        per_layer = 4 * h + 2 * h + 2 * h + 2 * inter  # 4h + 2 q_dim + 2 kv_dim + 2i, q_dim = kv_dim = h
+    kept = n_layers * h + per_layer if checkpointing else n_layers * per_layer
+    logits = tokens * cfg["vocab_size"] * (wb + 4) if head == "causal-lm" else 0  # + fp32 log-softmax of the loss
+    return tokens * kept * wb + logits
+
+
+def footprint(config, method: str, *, r: int = 8, target_modules=None, double_quant: bool = False,
+              blocksize: int = 64, compute_dtype="bfloat16", skip_modules=None, optimizer: str = "adamw",
+              batch_size: int = 1, seq_len: int = 512, gradient_checkpointing: bool = False,
+              head: str | None = None, master_weights: bool = False, adapter_dtype="float32") -> MemoryReport:
+    """Memory of fine-tuning ``config`` with ``method``; the conventions are in the module docstring.
+
+    ``config``: a transformers config (llama, mistral, qwen2, bert, roberta), a dict of its kwargs with
+    ``model_type``, or a name in ``PUBLISHED_CONFIGS``. ``r`` is LoRA's ``r`` and AdaLoRA's ``init_r``.
+    ``target_modules`` as in peft: names, a regex, or ``"all-linear"``; None takes peft's per-architecture
+    default. ``head``: ``"causal-lm"`` (decoder default), ``"seq-cls"`` (encoder default) or ``"none"``.
+    ``skip_modules`` is ``llm_int8_skip_modules``; ``blocksize`` other than 64 is a what-if (transformers
+    always uses 64). ``master_weights`` adds an fp32 master copy to full fine-tuning in 16 bit.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer (LoRA r, AdaLoRA init_r), got {r!r}")
+    _check_blocksize(blocksize)
+    dtype = str(compute_dtype).removeprefix("torch.")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown compute_dtype {compute_dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    adapter_dtype = str(adapter_dtype).removeprefix("torch.")
+    if adapter_dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown adapter_dtype {adapter_dtype!r}; choose one of {sorted(DTYPE_BYTES)}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    cfg = _as_dict(config)
+    mt = cfg["model_type"]
+    head = head or ("causal-lm" if mt in DECODERS else "seq-cls")
+    if head not in HEADS or (head == "causal-lm" and mt in ENCODERS):
+        raise ValueError(f"unknown head {head!r} for {mt}; choose one of {HEADS} ('causal-lm' for decoders only)")
+    wb = DTYPE_BYTES[dtype]
+    mods = _modules(cfg, head)
+    linears = [m for m in mods if m.kind == "linear"]
+    head_mods = [m for m in mods if head == "seq-cls" and m.name.split(".")[0] in ("score", "classifier")]
+    base_params = sum(sum(m.tensors) for m in mods)
+
+    quantized: set[str] = set()
+    if method.startswith("qlora"):
+        skip = _default_skip_modules(mods, head) if skip_modules is None else list(skip_modules)
+        quantized = {m.name for m in linears if not m.tied and not _unquantized(m.name, skip)}
+        if bad := sorted(quantized & {m.name for m in head_mods}):
+            raise ValueError(f"the classification head {bad} would be quantised to 4 bit and could not be trained; "
+                             "pass skip_modules=['classifier'] (BitsAndBytesConfig llm_int8_skip_modules)")
+    weight_bytes = sum(bytes_4bit(m.out * m.in_, blocksize=blocksize, double_quant=double_quant)
+                       + (m.out * wb if m.bias else 0) if m.name in quantized else sum(m.tensors) * wb for m in mods)
+    if mt in DECODERS:  # rotary_emb.inv_freq and original_inv_freq: fp32, head_dim / 2 each
+        weight_bytes += 2 * 4 * math.ceil(_attention_dims(cfg)[0] / 2)
+    else:  # embeddings.position_ids and token_type_ids: int64, max_position_embeddings each
+        weight_bytes += 2 * 8 * cfg.get("max_position_embeddings", 512)
+
+    if method == "full":
+        adapter_params = adapter_bytes = importance_bytes = 0
+        trainable = [n for m in mods for n in m.tensors]
+        grad_bytes = base_params * wb
+        master = 4 * base_params if master_weights and wb < 4 else 0
+    else:
+        svd = method.endswith("adalora")
+        if target_modules is None:
+            defaults = DEFAULT_TARGET_MODULES["adalora" if svd else "lora"]
+            if mt not in defaults:
+                raise ValueError(f"peft has no default target_modules for {method} on {mt}; pass target_modules")
+            target_modules = defaults[mt]
+        all_linear = isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+        # SEQ_CLS: the head is trained whole (modules_to_save); "all-linear" also leaves out the output embedding
+        excluded = {m.name for m in head_mods} | ({"lm_head"} if all_linear and head == "causal-lm" else set())
+        adapted = _targeted(linears, target_modules, excluded)
+        # lora_A (r, in), lora_B (out, r), AdaLoRA's lora_E (r, 1): numel of each tensor
+        adapter = [n for m in adapted for n in (r * m.in_, m.out * r) + ((r,) if svd else ())]
+        adapter_params = sum(adapter)
+        head_params = sum(sum(m.tensors) for m in head_mods)
+        ab = DTYPE_BYTES[adapter_dtype]
+        adapter_bytes = ab * (adapter_params + (len(adapted) if svd else 0)) + head_params * wb  # + ranknum
+        importance_bytes = 3 * ab * adapter_params if svd else 0
+        trainable = adapter + [n for m in head_mods for n in m.tensors]
+        grad_bytes = ab * adapter_params + head_params * wb
+        master = 0
+
+    optimizer_bytes = _optimizer_bytes(trainable, OPTIMIZERS[optimizer]) + master
+    activation_bytes = _activation_bytes(cfg, head, batch_size * seq_len, gradient_checkpointing, wb)
+    return MemoryReport(method, weight_bytes, adapter_bytes, grad_bytes, optimizer_bytes, importance_bytes,
+                        activation_bytes, adapter_params, sum(trainable), base_params + adapter_params)
