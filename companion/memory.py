@@ -372,3 +372,12 @@ def footprint(config, method: str, *, r: int = 8, target_modules=None, double_qu
     activation_bytes = _activation_bytes(cfg, head, batch_size * seq_len, gradient_checkpointing, wb)
     return MemoryReport(method, weight_bytes, adapter_bytes, grad_bytes, optimizer_bytes, importance_bytes,
                         activation_bytes, adapter_params, sum(trainable), base_params + adapter_params)
+
+
+def published_config(name: str):
+    """The transformers config of a model in :data:`PUBLISHED_CONFIGS` (no download)."""
+    from transformers import AutoConfig
+
+    if name not in PUBLISHED_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; published configs: {sorted(PUBLISHED_CONFIGS)}")
+    return AutoConfig.for_model(**PUBLISHED_CONFIGS[name])

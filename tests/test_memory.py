@@ -9,6 +9,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           LlamaForSequenceClassification, MistralConfig, MistralForSequenceClassification, Qwen2Config,
                           Qwen2ForCausalLM, RobertaConfig, RobertaForSequenceClassification, RobertaModel)
 
+from companion.measure import stored_bytes
 from companion.memory import (PUBLISHED_CONFIGS, bits_per_parameter, bytes_4bit, footprint, gb)
 
 GQA = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
@@ -25,17 +26,6 @@ MODELS = {
     "roberta-seq-cls": (RobertaConfig(**ENC), RobertaForSequenceClassification, {"skip_modules": ["classifier"]}),
     "bert-seq-cls": (BertConfig(**ENC), BertForSequenceClassification, {"skip_modules": ["classifier"]}),
 }
-
-
-def stored_bytes(model) -> int:
-    """Parameters and buffers as stored, plus each Params4bit's QuantState tensors (not the shared code tables)."""
-    total = sum(b.nbytes for b in model.buffers())
-    for p in model.parameters():
-        total += p.nbytes
-        if isinstance(p, bnb.nn.Params4bit):
-            qs = p.quant_state
-            total += qs.absmax.nbytes + (qs.state2.absmax.nbytes + qs.offset.nbytes if qs.nested else 0)
-    return total
 
 
 def trainable(model) -> int:
