@@ -341,3 +341,17 @@ def test_encode_instructions_needs_a_pad_token_and_room_for_the_response(char_to
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="no pad token"):
         encode_instructions(examples, no_pad)
+
+
+def test_dataloaders_accept_explicit_splits_such_as_glue_records():
+    from companion.data import SentimentExample, sentiment_dataloaders
+    from companion.models import load_minilm_tokenizer
+
+    tok = load_minilm_tokenizer()
+    splits = {"train": [SentimentExample("a fine film", 1, "plain", "glue")] * 3,
+              "validation": [SentimentExample("a dull film", 0, "plain", "glue")]}
+    loaders = sentiment_dataloaders(tok, batch_size=2, splits=splits)
+    assert sorted(loaders) == ["train", "validation"]
+    assert next(iter(loaders["validation"]))["labels"].tolist() == [0]
+    with pytest.raises(ValueError, match="either splits or split sizes"):
+        sentiment_dataloaders(tok, splits=splits, n_train=10)

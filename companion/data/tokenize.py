@@ -50,13 +50,18 @@ def encode_sentiment(examples: list[SentimentExample], tokenizer,
 
 
 def sentiment_dataloaders(tokenizer, batch_size: int = 32, seed: int = 0, max_length: int = 64,
+                          splits: dict[str, list[SentimentExample]] | None = None,
                           **split_sizes) -> dict[str, DataLoader]:
-    """DataLoaders over :func:`make_sentiment_splits` (``split_sizes``: ``n_train`` ...).
+    """DataLoaders over ``splits`` (default: :func:`make_sentiment_splits` with ``split_sizes``,
+    ``n_train`` ...; the ``gpu`` profile passes GLUE records from :func:`load_glue`).
 
     Only train is shuffled, by a ``torch.Generator`` seeded with ``seed``: the same seed gives
     the same batches in the same order.
     """
-    splits = make_sentiment_splits(seed=seed, **split_sizes)
+    if splits is None:
+        splits = make_sentiment_splits(seed=seed, **split_sizes)
+    elif split_sizes:
+        raise ValueError(f"pass either splits or split sizes, not both (got {sorted(split_sizes)})")
     generator = torch.Generator().manual_seed(seed)
     return {name: DataLoader(TensorDictDataset(encode_sentiment(examples, tokenizer, max_length)),
                              batch_size=batch_size, shuffle=name == "train",

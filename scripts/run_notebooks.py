@@ -1,0 +1,131 @@
+"""Execute the course notebooks with papermill in one profile and log cost per notebook.
+
+    python scripts/run_notebooks.py --profile ci            # CI: every notebook, CPU, offline
+    python scripts/run_notebooks.py --profile gpu           # a CUDA machine (GitHub workflow)
+    python scripts/run_notebooks.py notebooks/ch01_*.ipynb  # a subset
+
+Executed copies go to ``_build/executed/<profile>/``; a CSV there records seconds and
+the sampled peak resident memory of each notebook's kernel. In the ``ci`` profile (the
+notebooks' default, so no parameter is injected) each executed notebook is also stored
+in the Jupyter Book execution cache, so the book build that follows re-uses it instead
+of running it a second time. Exit status 1 if any notebook fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import papermill
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "_build" / ".jupyter_cache"  # same path as execute.cache in _config.yml
+
+
+class PeakRSS:
+    """Sample the resident memory of this process's children (the kernel) in a thread."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for child in me.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def default_profile(path: Path) -> str | None:
+    """The PROFILE value assigned in the notebook's cell tagged ``parameters``."""
+    nb = json.loads(path.read_text())
+    for cell in nb["cells"]:
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            for line in "".join(cell["source"]).splitlines():
+                if line.replace(" ", "").startswith("PROFILE="):
+                    return line.split("=", 1)[1].split("#")[0].strip().strip("'\"")
+    return None
+
+
+def store_in_book_cache(executed: Path, source: Path) -> None:
+    """Put an executed notebook into the jupyter-cache that ``jupyter-book build`` reads."""
+    import nbformat
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+
+    cache = get_cache(str(CACHE))
+    cache.cache_notebook_bundle(CacheBundleIn(nbformat.read(str(executed), nbformat.NO_CONVERT),
+                                              str(source.resolve())),
+                                check_validity=False, overwrite=True)
+
+
+def run(notebooks: list[Path], profile: str, out_dir: Path, timeout: int) -> list[dict]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for nb in notebooks:
+        default = default_profile(nb)
+        if default is None:
+            raise SystemExit(f"{nb}: no `PROFILE = ...` line in a cell tagged 'parameters'")
+        params = {} if profile == default else {"PROFILE": profile}
+        target = out_dir / nb.name
+        print(f"[{profile}] {nb.relative_to(ROOT)} ...", flush=True)
+        start, status = time.perf_counter(), "ok"
+        with PeakRSS() as mem:
+            try:
+                papermill.execute_notebook(str(nb), str(target), parameters=params, cwd=str(nb.parent),
+                                           execution_timeout=timeout, progress_bar=False,
+                                           kernel_name="python3")
+            except Exception as err:  # papermill marks the failing cell in the output notebook
+                status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        seconds = time.perf_counter() - start
+        if status == "ok" and not params:
+            store_in_book_cache(target, nb)
+        rows.append({"notebook": nb.name, "profile": profile, "seconds": round(seconds, 1),
+                     "peak_rss_mb": round(mem.peak / 2**20), "status": status})
+        print(f"    {status} in {seconds:.0f} s, peak kernel RSS {mem.peak / 2**20:.0f} MiB", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/ch*.ipynb")
+    parser.add_argument("--profile", choices=("ci", "gpu"), default="ci")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    parser.add_argument("--out", type=Path, default=None, help="default: _build/executed/<profile>")
+    args = parser.parse_args(argv)
+    notebooks = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("ch*.ipynb"))
+    out_dir = args.out or ROOT / "_build" / "executed" / args.profile
+    rows = run(notebooks, args.profile, out_dir, args.timeout)
+    with open(out_dir / "runtimes.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    total = sum(r["seconds"] for r in rows)
+    print(f"{len(rows) - len(failed)}/{len(rows)} notebooks ran in the {args.profile} profile "
+          f"({total:.0f} s); log: {out_dir / 'runtimes.csv'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
