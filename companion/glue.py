@@ -12,10 +12,21 @@ from typing import Any
 
 
 def glue(name: str, value: Any) -> Any:
-    """Store ``value`` for the book under ``name`` (when building the book) and return it."""
+    """Store ``value`` for the book under ``name`` (when building the book) and return it.
+
+    NumPy scalars are stored as Python numbers, so a format spec such as ``:.1f`` works in
+    ``{glue:text}``. Strings are stored as Markdown: paste them with ``{glue:md}``.
+    """
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
+        value = value.item()
     try:
         from myst_nb import glue as _myst_glue
     except ImportError:
         return value
-    _myst_glue(name, value, display=False)
+    if isinstance(value, str):
+        from IPython.display import Markdown
+
+        _myst_glue(name, Markdown(value), display=False)
+    else:
+        _myst_glue(name, value, display=False)
     return value

@@ -68,15 +68,24 @@ def default_profile(path: Path) -> str | None:
 
 
 def store_in_book_cache(executed: Path, source: Path) -> None:
-    """Put an executed notebook into the jupyter-cache that ``jupyter-book build`` reads."""
+    """Put an executed notebook into the jupyter-cache that ``jupyter-book build`` reads.
+
+    jupyter-cache matches notebooks by a hash of their code and cell metadata, and papermill
+    adds metadata to every cell, so the outputs are copied into the *source* notebook first.
+    """
     import nbformat
     from jupyter_cache import get_cache
     from jupyter_cache.base import CacheBundleIn
 
-    cache = get_cache(str(CACHE))
-    cache.cache_notebook_bundle(CacheBundleIn(nbformat.read(str(executed), nbformat.NO_CONVERT),
-                                              str(source.resolve())),
-                                check_validity=False, overwrite=True)
+    nb = nbformat.read(str(source), nbformat.NO_CONVERT)
+    ran = nbformat.read(str(executed), nbformat.NO_CONVERT)
+    if len(nb.cells) != len(ran.cells):
+        return  # parameters were injected: not the book's notebook, nothing to cache
+    for cell, done in zip(nb.cells, ran.cells):
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = done.outputs, done.execution_count
+    get_cache(str(CACHE)).cache_notebook_bundle(CacheBundleIn(nb, str(source.resolve())),
+                                                check_validity=False, overwrite=True)
 
 
 def run(notebooks: list[Path], profile: str, out_dir: Path, timeout: int) -> list[dict]:
