@@ -15,7 +15,7 @@ def glue(name: str, value: Any) -> Any:
     """Store ``value`` for the book under ``name`` (when building the book) and return it.
 
     NumPy scalars are stored as Python numbers, so a format spec such as ``:.1f`` works in
-    ``{glue:text}``. Strings are stored as Markdown: paste them with ``{glue:md}``.
+    ``{glue:text}``. Strings are stored as Markdown: paste them with ``{glue:}`` (``{glue:md}`` cannot read another document).
     """
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
         value = value.item()

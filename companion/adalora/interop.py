@@ -1,0 +1,84 @@
+"""Move between the companion's AdaLoRA and PEFT's, and name layers the way the paper does.
+
+PEFT's names carry the adapter name and live under the ``PeftModel`` wrapper:
+``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default``; the allocator's
+names (``config.rank_pattern`` keys) are relative to the inner model:
+``bert.encoder.layer.0.attention.self.query.lora_E.default``. The companion names the layer
+itself: ``bert.encoder.layer.0.attention.self.query``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .layer import adalora_layers
+
+# The paper's names for the six matrices of a Transformer block (§3.2, Fig. 3), by module path.
+PAPER_NAMES = {
+    "attention.self.query": "W_q", "attention.self.key": "W_k", "attention.self.value": "W_v",
+    "attention.self.query_proj": "W_q", "attention.self.key_proj": "W_k", "attention.self.value_proj": "W_v",
+    "attention.output.dense": "W_o", "intermediate.dense": "W_f1", "output.dense": "W_f2",
+    "self_attn.q_proj": "W_q", "self_attn.k_proj": "W_k", "self_attn.v_proj": "W_v", "self_attn.o_proj": "W_o",
+    "mlp.gate_proj": "W_gate", "mlp.up_proj": "W_f1", "mlp.down_proj": "W_f2",
+}
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.(.+)$")
+_PEFT_SUFFIX = re.compile(r"\.lora_E(\.[^.]+)?$")
+
+
+def layer_name_from_peft(key: str) -> str:
+    """``...query.lora_E.default`` (a ``rank_pattern`` key) -> ``...query``."""
+    name = _PEFT_SUFFIX.sub("", key)
+    return name.removeprefix("base_model.model.")
+
+
+def ranks_from_peft(rank_pattern: dict[str, list[bool]] | None) -> dict[str, int]:
+    """PEFT's ``config.rank_pattern`` -> ``{layer name: rank}``.
+
+    ``rank_pattern`` is ``None`` until the first allocation: the telltale sign that
+    ``update_and_allocate`` was never called.
+    """
+    if rank_pattern is None:
+        raise ValueError("rank_pattern is None: PEFT has not allocated yet. Call "
+                         "model.base_model.update_and_allocate(global_step) after every optimizer.step() "
+                         "(with HF Trainer: companion.adalora.AdaLoraCallback)")
+    return {layer_name_from_peft(k): int(sum(bool(b) for b in v)) for k, v in rank_pattern.items()}
+
+
+@torch.no_grad()
+def copy_adapter_weights_from_peft(model: nn.Module, peft_model: nn.Module, adapter_name: str = "default") -> None:
+    """Copy PEFT's ``lora_A``, ``lora_B``, ``lora_E`` into the companion layers of the same name.
+
+    Use it to start both implementations from identical adapters: PEFT draws ``randn`` for A, E
+    and B and then redraws A and B, so seeding alone does not give equal weights.
+    """
+    peft_params = dict(peft_model.named_parameters())
+    for name, layer in adalora_layers(model).items():
+        for part in ("lora_A", "lora_B", "lora_E"):
+            key = next((k for k in (f"base_model.model.{name}.{part}.{adapter_name}", f"{name}.{part}.{adapter_name}")
+                        if k in peft_params), None)
+            if key is None:
+                raise ValueError(f"PEFT model has no {part} for layer {name!r} (adapter {adapter_name!r}); were "
+                                 "both models built with the same target_modules?")
+            getattr(layer, part).copy_(peft_params[key])
+
+
+def paper_position(name: str) -> tuple[int, str]:
+    """``bert.encoder.layer.3.attention.self.query`` -> ``(3, "W_q")``; unknown modules keep their path."""
+    match = _LAYER.search(name)
+    if match is None:
+        raise ValueError(f"cannot find a layer index in {name!r}; expected '...layer.<i>.<module>'")
+    return int(match.group(1)), PAPER_NAMES.get(match.group(2), match.group(2))
+
+
+def rank_grid(ranks: dict[str, int]) -> pd.DataFrame:
+    """Ranks as a (layer x matrix) table, the layout of the paper's Fig. 3."""
+    rows = [(*paper_position(name), rank) for name, rank in ranks.items()]
+    grid = pd.DataFrame(rows, columns=["layer", "matrix", "rank"]).pivot(index="layer", columns="matrix",
+                                                                           values="rank")
+    order = [m for m in dict.fromkeys(PAPER_NAMES.values()) if m in grid.columns]
+    return grid[order + [c for c in grid.columns if c not in order]]
+
