@@ -1,0 +1,63 @@
+"""Every notebook follows the course's notebook contract.
+
+1. The first cell is Markdown with a title, what the reader will see, the `ci` time and a
+   Colab badge; the notebook is committed without outputs.
+2. Exactly one code cell is tagged `parameters`; it sets `PROFILE = "ci"`.
+3. The next code cell calls `setup_profile(PROFILE, ...)`, so a `gpu` run on a machine
+   without CUDA stops there, before any model is loaded. The last test proves that by
+   executing every notebook with papermill and `PROFILE="gpu"` on this CPU-only machine.
+"""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("ch*.ipynb"))
+
+
+def code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+def test_there_are_notebooks():
+    assert len(NOTEBOOKS) >= 2
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_title_time_and_colab_badge_and_has_no_outputs(path):
+    nb = nbformat.read(path, as_version=4)
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert "ci" in first.source and "minute" in first.source.lower()
+    assert f"colab.research.google.com/github/" in first.source and path.name in first.source
+    assert all(not c.outputs and c.execution_count is None for c in code_cells(nb)), \
+        "commit notebooks without outputs; the book build executes them"
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.metadata["language_info"].get("pygments_lexer") == "ipython3"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_parameters_cell_defaults_to_ci_and_the_next_cell_sets_up_the_profile(path):
+    cells = code_cells(nbformat.read(path, as_version=4))
+    tagged = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    params = cells[tagged[0]].source
+    assert 'PROFILE = "ci"' in params
+    assert "setup_profile(PROFILE" in cells[tagged[0] + 1].source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_gpu_profile_without_cuda_stops_in_the_setup_cell(path, tmp_path):
+    import papermill
+
+    assert not torch.cuda.is_available(), "this test describes a CPU-only machine"
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"PROFILE": "gpu"},
+                                   cwd=str(path.parent), progress_bar=False, kernel_name="python3")
+    assert "needs a CUDA GPU" in str(err.value)
+    ran = nbformat.read(tmp_path / path.name, as_version=4)
+    failed = [i for i, c in enumerate(code_cells(ran)) if any(o.get("output_type") == "error" for o in c.outputs)]
+    injected = [i for i, c in enumerate(code_cells(ran)) if "injected-parameters" in c.metadata.get("tags", [])]
+    assert failed == [injected[0] + 1], "the gpu profile must stop in the cell right after the parameters"
