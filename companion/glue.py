@@ -15,7 +15,7 @@ def glue(name: str, value: Any) -> Any:
     """Store ``value`` for the book under ``name`` (when building the book) and return it.
 
     NumPy scalars are stored as Python numbers, so a format spec such as ``:.1f`` works in
-    ``{glue:text}``. Strings are stored as Markdown: paste them with ``{glue:}`` (``{glue:md}`` cannot read another document).
+    ``{glue:text}``. Strings are stored without quotes: paste them with ``{glue:}`` (``{glue:md}`` cannot read another document).
     """
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalar
         value = value.item()
@@ -23,10 +23,12 @@ def glue(name: str, value: Any) -> Any:
         from myst_nb import glue as _myst_glue
     except ImportError:
         return value
-    if isinstance(value, str):
-        from IPython.display import Markdown
-
-        _myst_glue(name, Markdown(value), display=False)
-    else:
-        _myst_glue(name, value, display=False)
+    _myst_glue(name, PlainText(value) if isinstance(value, str) else value, display=False)
     return value
+
+
+class PlainText(str):
+    """A string whose ``text/plain`` display has no quotes, so ``{glue:}`` pastes it as words."""
+
+    def _repr_pretty_(self, printer, cycle):
+        printer.text(str(self))
