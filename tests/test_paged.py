@@ -25,12 +25,12 @@ def run(optimizer_cls, params, steps=5, seed=1, **kwargs):
 
 
 @pytest.mark.parametrize("budget_pages,page_bytes", [(2, 64), (3, 256), (4, 128), (1000, 4096), (2, 4)])
-def test_parameters_equal_torch_adamw_for_any_budget(budget_pages, page_bytes):
+def test_parameters_equal_torch_adamw_bit_for_bit_for_any_budget(budget_pages, page_bytes):
     ours, ref = make_params(), make_params()
-    run(PagedAdamW, ours, device_budget_bytes=budget_pages * page_bytes, page_bytes=page_bytes)
-    run(torch.optim.AdamW, ref, foreach=False)
+    run(PagedAdamW, ours, steps=20, device_budget_bytes=budget_pages * page_bytes, page_bytes=page_bytes)
+    run(torch.optim.AdamW, ref, steps=20)
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        assert torch.equal(a, b)  # element-wise ops in AdamW's order: slicing changes nothing
 
 
 def test_a_budget_smaller_than_one_parameters_state_still_gives_adamw():
