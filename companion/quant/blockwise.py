@@ -95,8 +95,9 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     compress_statistics=double_quant, quant_type=quant_type)`` on a CPU for ``"nf4"`` and ``"fp4"``;
     ``"int4"`` and ``"nf4-equal-bin"`` are the comparison codebooks of Chapter 4.
 
-    ``nonfinite="raise"`` refuses NaN and Inf; ``"keep"`` quantizes them as bitsandbytes does (a
-    block with a NaN becomes NaN, one with an Inf has every finite value become NaN).
+    ``nonfinite="raise"`` refuses NaN and Inf; ``"keep"`` quantizes them as bitsandbytes does: the
+    block's absmax becomes NaN or Inf, and after dequantization the whole block is NaN (an Inf comes
+    back as +Inf).
     """
     check_input(A)
     check_blocksize(blocksize)
@@ -115,7 +116,7 @@ def quantize_4bit(A: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4",
     bounds, order = thresholds(code)
     pad_code = int(order[torch.bucketize(torch.zeros((), device=A.device), bounds)])  # the code of 0.0
     full = n - n % blocksize
-    if finite and full:
+    if finite and full and A.device.type == "cpu":  # the fast kernels are tuned and tested on CPUs
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
         fast.encode_full_blocks(flat[:full].view(-1, blocksize), absmax[: full // blocksize], code, packed)
         if full < n:
@@ -170,7 +171,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     absmax = double_dequantize(state).float()
     n = math.prod(state.shape)
     code = state.code.to(device=packed.device, dtype=torch.float32)
-    if fast.can_decode(packed, n):
+    if packed.device.type == "cpu" and fast.can_decode(packed, n):
         out = fast.decode(packed, absmax, n, state.blocksize, code, dtype)
     else:
         values = code[unpack(packed, n).long()]

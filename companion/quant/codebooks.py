@@ -23,9 +23,10 @@ import torch
 NF4_OFFSET = 0.9677083  # bitsandbytes create_normal_map default; derivation unpublished (bnb#968)
 
 # bitsandbytes get_4bit_type("fp4"): sign bit, then 3 bits whose magnitudes are NOT in value order.
-FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# Code 8 (sign bit set, magnitude 0) is +0.0 there: the list says `-0`, a Python int, which is 0.
+FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 # bitsandbytes get_4bit_type("int4") lists this table (it raises in bnb 0.50.2: the list is integer).
-INT4_RAW = (7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, -0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0)
+INT4_RAW = (7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0)
 
 QUANT_TYPES = ("nf4", "fp4", "int4", "nf4-equal-bin")
 
@@ -62,14 +63,14 @@ def nf4_codebook(offset: float = NF4_OFFSET) -> torch.Tensor:
 
 def fp4_codebook() -> torch.Tensor:
     """bitsandbytes' FP4 (E2M1) table in code order, ``get_4bit_type("fp4")``: raw magnitudes
-    {0, 0.0625, 2, 3, 4, 6, 8, 12} divided by 12, with a sign bit. Two zeros (+0, -0), so only 15
-    distinct values."""
+    {0, 0.0625, 2, 3, 4, 6, 8, 12} divided by 12, with a sign bit. Codes 0 and 8 are both zero, so
+    only 15 distinct values."""
     raw = torch.tensor(FP4_RAW, dtype=torch.float32)
     return raw / raw.abs().max()
 
 
 def int4_codebook() -> torch.Tensor:
-    """Symmetric linear Int4, ``[7, 6, ..., 0, -0, ..., -7] / 7`` in bitsandbytes' listing order:
+    """Symmetric linear Int4, ``[7, 6, ..., 0, 0, -1, ..., -7] / 7`` in bitsandbytes' listing order:
     15 distinct evenly spaced values, the ``Int4`` row of the paper's Table 2."""
     raw = torch.tensor(INT4_RAW, dtype=torch.float32)
     return raw / raw.abs().max()
@@ -149,7 +150,7 @@ def get_codebook(quant_type: str, device=None) -> torch.Tensor:
 def thresholds(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(bounds, order)`` for nearest-value quantization with ``code``, as bitsandbytes'
     ``_get_4bit_quantize_bounds``: the 15 float32 midpoints of the sorted values, and the code index
-    of each sorted position (identity for NF4; for FP4 the duplicate zeros keep their table order,
-    so a scaled value in (0, 1/384] maps to code 8, FP4's -0, on the CPU path)."""
+    of each sorted position (identity for NF4; for FP4 the two zero codes keep their table order,
+    so 0 maps to code 0 and a scaled value in (0, 1/384] to code 8, the zero with the sign bit)."""
     order = torch.argsort(code, stable=True)
     return (code[order[:-1]] + code[order[1:]]) / 2, order

@@ -46,19 +46,25 @@ def roundtrip(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, dou
 
 def error_table(tensors: dict[str, torch.Tensor] | torch.Tensor, quant_types=("nf4", "fp4", "int4", "nf4-equal-bin"),
                 blocksizes=(64,), double_quant: bool = False, metrics=("mse", "max_abs")):
-    """A pandas DataFrame with one row per (tensor, blocksize, quant_type) and the chosen metrics.
+    """A pandas DataFrame with one row per (blocksize, quant_type) and the chosen metrics.
 
-    ``tensors`` may be one tensor or a dict of named tensors (e.g. every Linear weight of a model:
-    each is quantized on its own, and the errors are pooled over all of their values)."""
+    ``tensors`` may be one tensor or a dict of named tensors (e.g. every Linear weight of a model):
+    each is quantized on its own and the errors are pooled over all of their values. Tensors whose
+    sizes are multiples of the block size are quantized as one concatenated vector, which cuts
+    blocks at the same places and so gives the same codes (without double quantization, whose
+    offset is a mean over the whole tensor)."""
     import pandas as pd
 
     if isinstance(tensors, torch.Tensor):
         tensors = {"tensor": tensors}
     rows = []
     for blocksize in blocksizes:
+        groups = list(tensors.values())
+        if not double_quant and all(x.numel() % blocksize == 0 for x in groups):
+            groups = [torch.cat([x.reshape(-1) for x in groups])]
         for quant_type in quant_types:
             sq = ab = ma = count = 0.0
-            for x in tensors.values():
+            for x in groups:
                 err = (roundtrip(x, quant_type, blocksize, double_quant).double() - x.double())
                 sq += err.pow(2).sum().item()
                 ab += err.abs().sum().item()
