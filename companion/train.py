@@ -5,6 +5,11 @@ accumulation, optional clipping, two hooks (``after_backward`` to inspect gradie
 ``after_step`` for AdaLoRA's rank allocation, which PEFT runs after
 ``optimizer.step()`` and before ``zero_grad()``), periodic evaluation, a ``tqdm``
 progress bar, and a log of loss, time per step and peak memory.
+
+The same runs also go through ``transformers.Trainer``: :func:`qlora_training_arguments` builds the
+``TrainingArguments`` of the QLoRA recipe (``optim="paged_adamw_8bit"`` and the paper's defaults) and
+:class:`TrainerLog` records the Trainer's steps into the same :class:`TrainLog` columns, so a
+notebook can plot both runs side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 from tqdm import tqdm
+from transformers import TrainerCallback
 
 
 @dataclass
@@ -128,3 +134,66 @@ def classification_accuracy(model: torch.nn.Module, loader: Iterable) -> float:
     if total == 0:
         raise ValueError("classification_accuracy got an empty loader")
     return correct / total
+
+
+# ------------------------------------------------------------------ transformers.Trainer recipe
+def qlora_training_arguments(output_dir, *, max_steps: int, per_device_train_batch_size: int = 16,
+                             gradient_accumulation_steps: int = 1, learning_rate: float = 2e-4,
+                             optim: str = "paged_adamw_8bit", lr_scheduler_type: str = "constant",
+                             warmup_steps: float = 0.03, max_grad_norm: float = 0.3, weight_decay: float = 0.0,
+                             gradient_checkpointing: bool = False, compute_dtype: torch.dtype = torch.float32,
+                             logging_steps: int = 10, seed: int = 0, shuffle: bool = True, **overrides):
+    """``TrainingArguments`` for a QLoRA run, defaults from artidoro/qlora (``qlora.py``, Guanaco-7B script):
+    constant learning rate 2e-4 after 3% warm-up, gradient clipping at 0.3, no weight decay.
+
+    The paper's runs use ``optim="paged_adamw_32bit"``; ``"paged_adamw_8bit"`` keeps the two Adam states
+    in 8 bit. transformers 5 names: ``warmup_steps`` takes a fraction (``warmup_ratio`` is gone) and
+    ``activation_checkpointing`` replaces ``gradient_checkpointing``. ``compute_dtype`` sets ``bf16`` or
+    ``fp16`` (mixed precision on a GPU; use float16 on a T4). ``shuffle=False`` feeds batches in dataset
+    order, as a DataLoader without shuffling does. Nothing is saved or reported to a tracker.
+    """
+    from transformers import TrainingArguments
+
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    fields = dict(output_dir=str(output_dir), max_steps=max_steps,
+                  per_device_train_batch_size=per_device_train_batch_size,
+                  gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,
+                  optim=optim, lr_scheduler_type=lr_scheduler_type, warmup_steps=warmup_steps,
+                  max_grad_norm=max_grad_norm, weight_decay=weight_decay,
+                  activation_checkpointing=gradient_checkpointing,
+                  bf16=compute_dtype == torch.bfloat16, fp16=compute_dtype == torch.float16,
+                  logging_steps=logging_steps, seed=seed, data_seed=seed,
+                  train_sampling_strategy="random" if shuffle else "sequential",
+                  save_strategy="no", report_to="none", disable_tqdm=True,
+                  use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=torch.cuda.is_available())
+    fields.update(overrides)
+    return TrainingArguments(**fields)
+
+
+class TrainerLog(TrainerCallback):
+    """A ``TrainerCallback`` that fills a :class:`TrainLog` with the columns :func:`train` logs:
+    step, loss, lr, seconds and peak_memory_bytes, one row per optimizer step. The Trainer reports the
+    loss averaged over ``logging_steps`` steps, on the last step of each window; the other rows keep NaN
+    (``logging_steps=1`` gives every step its own loss)."""
+
+    def __init__(self):
+        self.log = TrainLog()
+        self._start = 0.0
+        self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.log.steps.append({"step": state.global_step, "loss": float("nan"), "lr": float("nan"),
+                               "seconds": time.perf_counter() - self._start,
+                               "peak_memory_bytes": peak_memory_bytes(self._device)})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs and self.log.steps and self.log.steps[-1]["step"] == state.global_step:
+            self.log.steps[-1].update(loss=logs["loss"], lr=logs.get("learning_rate", float("nan")))
+        elif "eval_loss" in logs:
+            self.log.evals.append({"step": state.global_step,
+                                   **{k: v for k, v in logs.items() if k.startswith("eval_")}})

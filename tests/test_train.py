@@ -83,3 +83,65 @@ def test_bad_loop_settings_are_refused():
         TrainConfig(max_steps=0)
     with pytest.raises(ValueError, match="grad_accum must be positive"):
         TrainConfig(grad_accum=0)
+
+
+# ------------------------------------------------------------------ the transformers.Trainer recipe
+def instruction_dataset(n=32):
+    from companion.data import TensorDictDataset, encode_instructions, make_instruction_splits
+    from companion.models import char_tokenizer
+
+    split = make_instruction_splits(seed=0, n_train=n, n_test=12, families=["add", "count_letters"])
+    return TensorDictDataset(encode_instructions(split["train"], char_tokenizer()))
+
+
+def test_trainer_recipe_reproduces_the_loop_step_for_step(tmp_path):
+    import copy
+
+    from transformers import Trainer
+
+    from companion.models import build_tiny_llama
+    from companion.train import TrainerLog, qlora_training_arguments
+
+    data = instruction_dataset()
+    ours = build_tiny_llama(seed=0)
+    theirs = copy.deepcopy(ours)
+    log = train(ours, torch.utils.data.DataLoader(data, batch_size=16, shuffle=False),
+                torch.optim.AdamW(ours.parameters(), lr=1e-3, weight_decay=0.0),
+                TrainConfig(max_steps=4, max_grad_norm=0.3, progress=False))
+    recorder = TrainerLog()
+    args = qlora_training_arguments(tmp_path, max_steps=4, per_device_train_batch_size=16, learning_rate=1e-3,
+                                    optim="adamw_torch", warmup_steps=0, logging_steps=1, shuffle=False)
+    Trainer(model=theirs, args=args, train_dataset=data, callbacks=[recorder]).train()
+    trainer_log = recorder.log.frame()
+    assert trainer_log["step"].tolist() == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor(trainer_log["loss"].tolist()), torch.tensor(log.frame()["loss"].tolist()),
+                               atol=1e-5, rtol=0)  # the Trainer logs rounded float32 losses
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_paged_adamw_8bit_recipe_builds_bitsandbytes_paged_8bit_adamw_and_falls_back_on_cpu(tmp_path):
+    import bitsandbytes as bnb
+    from transformers import Trainer
+
+    from companion.models import build_tiny_llama
+    from companion.train import TrainerLog, qlora_training_arguments
+
+    args = qlora_training_arguments(tmp_path, max_steps=2, per_device_train_batch_size=8)
+    assert (args.optim, args.lr_scheduler_type, args.max_grad_norm, args.warmup_steps) == \
+        ("paged_adamw_8bit", "constant", 0.3, 0.03)
+    recorder = TrainerLog()
+    trainer = Trainer(model=build_tiny_llama(seed=0), args=args, train_dataset=instruction_dataset(16),
+                      callbacks=[recorder])
+    with pytest.warns(UserWarning, match="Paged optimizers are not supported on CPU"):
+        trainer.train()
+    optimizer = trainer.optimizer.optimizer  # accelerate wraps it
+    assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.is_paged and optimizer.args.optim_bits == 8
+    assert len(recorder.log.steps) == 2
+
+
+def test_bad_trainer_recipe_settings_are_refused(tmp_path):
+    from companion.train import qlora_training_arguments
+
+    with pytest.raises(ValueError, match="max_steps must be positive"):
+        qlora_training_arguments(tmp_path, max_steps=0)

@@ -1,0 +1,120 @@
+"""The 4-bit pipeline helpers, checked against peft and bitsandbytes on a tiny Llama in 4 bit on a CPU."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+from companion.data import make_instruction_splits
+from companion.measure import load_in_4bit
+from companion.models import build_tiny_llama, char_tokenizer, tiny_llama_config
+from companion.qlora import (bnb_4bit_config, exact_match_table, generate, keep_dequantize_kernel_on_cpu,
+                             linear_layers, load_adapter, lora_target_names, merge_adapter, save_adapter)
+
+LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def tiny_4bit(seed=0, **config):
+    base = build_tiny_llama(tiny_llama_config(**config), seed=seed)
+    return keep_dequantize_kernel_on_cpu(load_in_4bit(base, compute_dtype=torch.float32))
+
+
+def qlora_model(seed=0):
+    model = prepare_model_for_kbit_training(tiny_4bit(seed), use_gradient_checkpointing=False)
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def batch(seed=0):
+    ids = torch.randint(4, 100, (4, 24), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def test_config_is_nf4_with_double_quantization_and_the_given_compute_dtype():
+    config = bnb_4bit_config(torch.float16, skip_modules=["classifier"])
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.float16 and config.llm_int8_skip_modules == ["classifier"]
+    with pytest.raises(ValueError, match="quant_type must be"):
+        bnb_4bit_config(quant_type="int4")
+
+
+def test_linear_layers_shows_which_layers_bitsandbytes_quantized():
+    table = linear_layers(tiny_4bit())
+    assert sorted(table.index) == sorted(LLAMA_LINEARS + ["lm_head"])
+    assert (table.loc[LLAMA_LINEARS, "class"] == "Linear4bit").all() and (table.loc[LLAMA_LINEARS, "count"] == 2).all()
+    assert table.loc["lm_head", "class"] == "Linear"  # transformers keeps the output embedding in 16 bit
+
+
+def test_target_names_are_what_peft_all_linear_resolves_to():
+    model = qlora_model()
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert lora_target_names(tiny_4bit()) == sorted(adapted) == LLAMA_LINEARS
+
+
+def test_training_moves_only_the_adapter_and_never_touches_the_4bit_weights():
+    model = qlora_model()
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if isinstance(p, bnb.nn.Params4bit)}
+    codes = {n: p.quant_state.absmax.clone() for n, p in model.named_parameters() if isinstance(p, bnb.nn.Params4bit)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for seed in range(3):
+        model(**batch(seed)).loss.backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if n in packed)  # MatMul4Bit: no grad_B
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, p in model.named_parameters():
+        if name in packed:
+            assert torch.equal(p, packed[name]) and torch.equal(p.quant_state.absmax, codes[name])
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_adapter_round_trip_through_safetensors_gives_the_same_outputs(tmp_path):
+    model = qlora_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)  # B = 0 at initialisation would make the check vacuous
+    files = save_adapter(model, tmp_path)
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= set(files.index)
+    reloaded = load_adapter(tiny_4bit(), tmp_path)
+    x = batch()["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, reloaded(input_ids=x).logits)
+
+
+def test_an_adapter_for_another_base_fails_with_the_library_error_and_a_hint(tmp_path):
+    save_adapter(qlora_model(), tmp_path)
+    wider = tiny_4bit(hidden_size=128, intermediate_size=352)
+    with pytest.raises(ValueError, match="only loads onto the base model it was trained on") as err:
+        load_adapter(wider, tmp_path)
+    assert "size mismatch" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_adapter(wider, tmp_path / "missing")
+
+
+def test_merging_into_a_16bit_base_matches_the_adapter_on_that_base(tmp_path):
+    from peft import PeftModel
+
+    model = qlora_model()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    save_adapter(model, tmp_path)
+    merged = merge_adapter(build_tiny_llama(seed=0), tmp_path)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    unmerged = PeftModel.from_pretrained(build_tiny_llama(seed=0), tmp_path)
+    x = batch()["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, unmerged(input_ids=x).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs the base model in 16 bit"):
+        merge_adapter(tiny_4bit(), tmp_path)
+
+
+def test_generate_returns_one_completion_per_example_and_exact_match_counts_per_family():
+    tokenizer = char_tokenizer()
+    examples = make_instruction_splits(seed=0, n_train=10, n_test=6, families=["add", "uppercase"])["test"]
+    completions = generate(build_tiny_llama(seed=0), tokenizer, examples, max_new_tokens=5, batch_size=4)
+    assert len(completions) == 6 and all(isinstance(c, str) and len(c) <= 5 for c in completions)
+    table = exact_match_table(examples, [e.output for e in examples[:3]] + ["?"] * 3)
+    assert table["all"] == 50.0 and set(table.index) == {"add", "uppercase", "all"}
