@@ -6,8 +6,14 @@ One module per concept, in the order the book teaches them:
 - :mod:`companion.models`    -- offline MiniLM, tiny Llama-architecture models, hub models
 - :mod:`companion.data`      -- generated sentiment and instruction datasets
 - :mod:`companion.memory`    -- memory accounting for full, LoRA, AdaLoRA and QLoRA fine-tuning
+- :mod:`companion.measure`   -- bytes a loaded model really stores (incl. 4-bit state)
 - :mod:`companion.gradstats` -- per-module gradient-norm recording (Chapter 1)
-- :mod:`companion.train`     -- one small training loop shared by the chapters
+- :mod:`companion.adalora`   -- AdaLoRA from scratch, equal to PEFT (Chapters 2-3)
+- :mod:`companion.quant`     -- NF4/FP4/Int4, double quantization, Linear4bit (Chapter 4)
+- :mod:`companion.paged`     -- PagedAdamW: optimizer state paged through a device pool (Chapter 4)
+- :mod:`companion.memtrack`  -- live tensor bytes on CPU, peak memory on CUDA (Chapters 4-5)
+- :mod:`companion.qlora`     -- the 4-bit fine-tuning pipeline: load, target, generate, save, merge (Chapter 5)
+- :mod:`companion.train`     -- one small training loop shared by the chapters, and a Trainer recipe
 - :mod:`companion.check_env` -- ``python -m companion.check_env``
 
 Submodules are imported on demand, so ``import companion`` stays cheap.
