@@ -67,9 +67,10 @@ class SVDLinear(nn.Module):
         self.init_r, self.lora_alpha = init_r, lora_alpha
         self.scaling = lora_alpha  # PEFT: scaling = lora_alpha, divided by ranknum in forward
         self.quantized = is_linear4bit(base_layer)
-        # PEFT moves adapters to the base dtype when it is floating point; 4-bit stays float32.
+        # As get_peft_model leaves them: the base dtype for fp32/fp64, float32 for 16-bit and 4-bit bases
+        # (its autocast_adapter_dtype=True upcasts them).
         w = base_layer.weight
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
         kw = dict(device=w.device, dtype=dtype)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         # Registration order lora_A, lora_B, lora_E is PEFT's parameter order.
