@@ -3,21 +3,15 @@
 import pytest
 import torch
 from peft import AdaLoraConfig, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
+from tiny_models import tiny_bert
 from companion.adalora import AdaLoraCallback, RankAllocator, inject_adalora, ranks_from_peft
 from companion.data import TensorDictDataset
 
 TARGETS = ["query", "value", "intermediate.dense"]
 STEPS = 12
 SCHEDULE = dict(target_r=2, tinit=2, tfinal=3, deltaT=1, total_step=STEPS)
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=16))
 
 
 def dataset(n=96):

@@ -2,20 +2,13 @@
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
+from tiny_models import tiny_bert
 from companion.adalora import (VARIANTS, AblationSettings, RankAllocator, SeedLearningRatePhases,
                                SeedMatrixScorer, adalora_layers, inject_adalora, prepare_variant, seed_svd_init)
 from companion.train import TrainConfig, train
 
 TARGETS = ("query", "value", "intermediate.dense")
-
-
-def tiny_bert(seed=0):
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(
-        vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=16))
 
 
 def batches(n=4):
