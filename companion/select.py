@@ -1,0 +1,340 @@
+"""Which method to fine-tune with: a decision tree over ``companion.memory.footprint`` and cited trade-offs.
+
+``recommend(gpu_memory_gb, model, ...)`` walks :data:`RULES`, and ``mermaid()`` draws the same structure, so the
+book's figure is the function (``tests/test_select.py`` walks the drawn text and checks they agree)::
+
+    N1 Does LoRA on the 16-bit model fit?           yes -> N2            no -> N4
+    N2 Priority?                                    accuracy -> N3       speed -> LoRA     memory -> QLoRA
+    N3 Does AdaLoRA fit, and does it gain accuracy?  yes -> AdaLoRA       no -> LoRA
+    N4 Does QLoRA (NF4 + double quantization) fit?  yes -> N5            no -> nothing fits on one card
+    N5 Priority?                                    accuracy -> N6       speed, memory -> QLoRA
+    N6 Does QLoRA + AdaLoRA fit, and does AdaLoRA gain accuracy?  yes -> QLoRA + AdaLoRA   no -> QLoRA
+
+**Fits** means ``footprint(...).total_bytes <= USABLE_FRACTION * gpu_memory_gb * 1e9`` with adapters on every
+Linear (``target_modules="all-linear"``), bf16 compute, gradient checkpointing, AdamW (fp32 states) for the 16-bit
+methods and ``paged_adamw_32bit`` on an NF4 + double-quantized base for the 4-bit ones (the QLoRA recipe).
+``USABLE_FRACTION = 0.9`` is an allowance for the CUDA context and allocator fragmentation, which ``footprint``
+does not count. The recommended config says whether gradient checkpointing is needed: it is switched off when
+the method also fits without it.
+
+**Ranks**: LoRA ``r=8``; AdaLoRA ``init_r=12``, ``target_r=8`` (PEFT's ``AdaLoraConfig`` defaults). With a
+``trainable_budget`` of B adapter parameters, ``r = B // (adapter parameters per rank)`` and AdaLoRA's
+``target_r = B // (per rank, lora_E included)``, ``init_r = ceil(1.5 * target_r)`` (AdaLoRA paper §3.3 starts from
+1.5 times the final budget). AdaLoRA's memory is counted at ``init_r``: masking zeroes ``lora_E`` but never
+shrinks a tensor. An encoder's classification head is trained in addition (PEFT ``modules_to_save``).
+
+**Evidence** (:class:`Tradeoffs`, replaceable by measurements with :meth:`Tradeoffs.from_results`):
+
+- AdaLoRA gains 0.97 accuracy points over LoRA at about the same budget: GLUE average 89.31 (1.27M parameters)
+  vs 88.34 (LoRA r=8, 1.33M), DeBERTaV3-base, AdaLoRA paper (Zhang et al. 2023) Table 1; it trains
+  116/105 = 1.105 times as long per epoch (MNLI on a V100, App. H Table 15).
+- QLoRA with NF4 + double quantization matches 16-bit LoRA: MMLU mean 53.1 vs 53.0 with BF16 (QLoRA paper,
+  Dettmers et al. 2023, Table 4). The paper does not report its time per step.
+- Full fine-tuning is never recommended, only reported: PEFT matches it in both papers (AdaLoRA Table 1:
+  full 88.09 vs AdaLoRA 89.31; QLoRA Table 3, RoBERTa-large GLUE: full BF16 88.6 vs LoRA BF16 88.8)
+  at a fraction of the memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+from .memory import DECODERS, ENCODERS, PUBLISHED_CONFIGS, footprint, gb
+
+USABLE_FRACTION = 0.9  # CUDA context + allocator fragmentation, not counted by footprint
+PRIORITIES = ("accuracy", "memory", "speed")
+LEAF_LABELS = {"lora": "LoRA (16-bit)", "adalora": "AdaLoRA (16-bit)", "qlora": "QLoRA (NF4 + DQ)",
+               "qlora-adalora": "QLoRA + AdaLoRA", "none": "Nothing fits on one card"}
+DEFAULT_R, DEFAULT_INIT_R, DEFAULT_TARGET_R = 8, 12, 8  # peft LoraConfig.r, AdaLoraConfig.init_r / target_r
+
+
+@dataclass(frozen=True)
+class Question:
+    """A node of the tree: ``fact_key`` names the fact it reads, ``edges`` maps each answer to a node id or a
+    leaf (a method). ``{gain}`` in ``text`` is filled with ``Tradeoffs.adalora_accuracy_gain``."""
+
+    text: str
+    fact_key: str
+    edges: dict[str, str]
+
+
+ROOT = "N1"
+RULES = {
+    "N1": Question("Does LoRA on the 16-bit model fit?", "lora_fits", {"yes": "N2", "no": "N4"}),
+    "N2": Question("Priority?", "priority", {"accuracy": "N3", "speed": "lora", "memory": "qlora"}),
+    "N3": Question("Does AdaLoRA fit, and does it gain accuracy over LoRA ({gain:+.2f} points)?",
+                   "adalora_fits_and_gains", {"yes": "adalora", "no": "lora"}),
+    "N4": Question("Does QLoRA (NF4 + double quantization) fit?", "qlora_fits", {"yes": "N5", "no": "none"}),
+    "N5": Question("Priority?", "priority", {"accuracy": "N6", "speed": "qlora", "memory": "qlora"}),
+    "N6": Question("Does QLoRA + AdaLoRA fit, and does AdaLoRA gain accuracy ({gain:+.2f} points)?",
+                   "qlora_adalora_fits_and_gains", {"yes": "qlora-adalora", "no": "qlora"}),
+}
+
+
+@dataclass(frozen=True)
+class Tradeoffs:
+    """The accuracy and time trade-offs the rules use; the defaults are the papers' (module docstring)."""
+
+    adalora_accuracy_gain: float = 89.31 - 88.34  # points, AdaLoRA Table 1, GLUE avg., DeBERTaV3-base
+    adalora_time_ratio: float | None = 116 / 105  # AdaLoRA / LoRA time per epoch, App. H Table 15, MNLI, V100
+    qlora_accuracy_gain: float = 53.1 - 53.0  # points, QLoRA Table 4, MMLU mean, NF4 + DQ vs BF16
+    qlora_time_ratio: float | None = None  # not reported by the QLoRA paper
+    source: str = "AdaLoRA paper Table 1 (GLUE, DeBERTaV3-base) and App. H Table 15; QLoRA paper Table 4 (MMLU)"
+
+    @classmethod
+    def from_results(cls, frame) -> Tradeoffs:
+        """From the comparison harness's tidy results: one row per (method, seed) with ``accuracy`` (a fraction
+        in [0, 1] or a percentage, used as is and converted to points) and ``seconds_per_step``. Gains are
+        differences of mean accuracy to LoRA, time ratios are ratios of mean seconds per step."""
+        missing = {"method", "seed", "accuracy", "seconds_per_step"} - set(frame.columns)
+        if missing:
+            raise ValueError(f"results lack the column(s) {sorted(missing)}; expected one row per (method, seed) "
+                             "with 'method', 'seed', 'accuracy', 'seconds_per_step'")
+        means = frame.groupby("method")[["accuracy", "seconds_per_step"]].mean()
+        absent = [m for m in ("lora", "adalora", "qlora") if m not in means.index]
+        if absent:
+            raise ValueError(f"results lack the method(s) {absent}; Tradeoffs.from_results needs rows for 'lora', "
+                             f"'adalora' and 'qlora', got {sorted(means.index)}")
+        fraction = bool((frame["accuracy"] <= 1).all())
+        to_points = 100 if fraction else 1
+        acc, sps = means["accuracy"], means["seconds_per_step"]
+        seeds = frame.groupby("method")["seed"].nunique()
+        counts = ", ".join(f"{m} {seeds[m]}" for m in ("lora", "adalora", "qlora"))
+        return cls(adalora_accuracy_gain=float((acc["adalora"] - acc["lora"]) * to_points),
+                   adalora_time_ratio=float(sps["adalora"] / sps["lora"]),
+                   qlora_accuracy_gain=float((acc["qlora"] - acc["lora"]) * to_points),
+                   qlora_time_ratio=float(sps["qlora"] / sps["lora"]),
+                   source=f"measured: means over seeds ({counts}), accuracy given as a "
+                          f"{'fraction, x100' if fraction else 'percentage'} -> points")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """What to train with, why (one sentence per question answered), and the numbers behind it."""
+
+    method: str  # "lora" | "adalora" | "qlora" | "qlora-adalora" | "none"
+    reasons: tuple[str, ...]
+    path: tuple[tuple[str, str], ...]  # (node id, answer) per question, from the root
+    facts: dict  # fact_key -> bool (yes/no questions) or the priority
+    footprint_gb: dict[str, float]  # total GB of every method, with gradient checkpointing
+    config: dict  # settings to start from; {} when nothing fits
+    alternatives: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"Recommendation: {LEAF_LABELS[self.method]}", "Why:"]
+        lines += [f"  {node} -> {answer}: {reason}" for (node, answer), reason in zip(self.path, self.reasons)]
+        lines.append("Footprint with gradient checkpointing: "
+                     + ", ".join(f"{m} {v:.2f} GB" for m, v in self.footprint_gb.items()))
+        if self.config:
+            lines.append("Start from: " + ", ".join(f"{k}={v!r}" for k, v in self.config.items()))
+        lines += [f"Alternative: {a}" for a in self.alternatives]
+        return "\n".join(lines)
+
+
+def _walk(facts: dict) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Follow RULES from the root; a yes/no question reads a bool fact, the priority questions its value."""
+    node, path = ROOT, []
+    while node in RULES:
+        question = RULES[node]
+        fact = facts[question.fact_key]
+        answer = fact if isinstance(fact, str) else ("yes" if fact else "no")
+        path.append((node, answer))
+        node = question.edges[answer]
+    return node, tuple(path)
+
+
+def mermaid(tradeoffs: Tradeoffs | None = None) -> str:
+    """The decision tree as a mermaid ``flowchart TD``, generated from :data:`RULES`."""
+    gain = (tradeoffs or Tradeoffs()).adalora_accuracy_gain
+    lines = ["flowchart TD", "    %% generated by python -m companion.select --mermaid from companion.select.RULES",
+             f"    %% fits: footprint total <= {USABLE_FRACTION} x card memory, with gradient checkpointing"]
+    lines += [f'    {node}{{"{question.text.format(gain=gain)}"}}' for node, question in RULES.items()]
+    leaves = {t for question in RULES.values() for t in question.edges.values()} - set(RULES)
+    lines += [f'    {_leaf_id(m)}["{label}"]' for m, label in LEAF_LABELS.items() if m in leaves]
+    for node, question in RULES.items():
+        lines += [f"    {node} -->|{answer}| {target if target in RULES else _leaf_id(target)}"
+                  for answer, target in question.edges.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _leaf_id(method: str) -> str:
+    return "L_" + method.replace("-", "_")
+
+
+def _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget) -> None:
+    if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) \
+            or not math.isfinite(gpu_memory_gb) or gpu_memory_gb <= 0:
+        raise ValueError(f"gpu_memory_gb must be a positive number of GB (e.g. 24 for an RTX 4090), "
+                         f"got {gpu_memory_gb!r}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}; choose one of {PRIORITIES}")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if trainable_budget is not None and (isinstance(trainable_budget, bool) or not isinstance(trainable_budget, int)
+                                         or trainable_budget <= 0):
+        raise ValueError(f"trainable_budget must be a positive integer number of adapter parameters or None "
+                         f"(PEFT defaults: r=8, init_r=12, target_r=8), got {trainable_budget!r}")
+
+
+def _config(model) -> tuple[dict, str]:
+    """(config dict, display name) of a PUBLISHED_CONFIGS name, a config dict or a transformers config."""
+    if isinstance(model, str):
+        if model not in PUBLISHED_CONFIGS:
+            raise ValueError(f"unknown model {model!r}; choose one of {sorted(PUBLISHED_CONFIGS)}, "
+                             "or pass a config dict with model_type or a transformers config")
+        return dict(PUBLISHED_CONFIGS[model]), model
+    cfg = dict(model) if isinstance(model, dict) else model.to_dict() if hasattr(model, "to_dict") else None
+    if cfg is None:
+        raise ValueError(f"model must be a name in PUBLISHED_CONFIGS, a config dict or a transformers config, "
+                         f"got {type(model).__name__}")
+    try:
+        footprint(cfg, "full")
+    except ValueError as err:
+        raise ValueError(f"recommend cannot size this model: {err}") from err
+    return cfg, f"this {cfg['model_type']} model"
+
+
+def _check_seq_len(cfg: dict, name: str, seq_len: int) -> None:
+    """Encoders have learned positions: RoBERTa's first two are reserved for padding (``padding_idx + 1``)."""
+    if cfg["model_type"] in ENCODERS:
+        limit = cfg.get("max_position_embeddings", 512) - (2 if cfg["model_type"] == "roberta" else 0)
+        if seq_len > limit:
+            raise ValueError(f"seq_len={seq_len} exceeds the {limit} positions {name} was trained with; "
+                             f"pass seq_len <= {limit}")
+
+
+def _settings(cfg: dict, method: str, ranks: dict) -> dict:
+    """The footprint/PEFT settings of one method (the QLoRA recipe for the 4-bit ones)."""
+    quantized, svd = method.startswith("qlora"), method.endswith("adalora")
+    out = ({"init_r": ranks["init_r"], "target_r": ranks["target_r"]} if svd else {"r": ranks["r"]})
+    out |= {"target_modules": "all-linear", "quantization": "nf4+dq" if quantized else None,
+            "optimizer": "paged_adamw_32bit" if quantized else "adamw", "compute_dtype": "bfloat16"}
+    if quantized and cfg["model_type"] in ENCODERS:
+        out["skip_modules"] = ["classifier"]  # keep the trained head out of 4 bit (llm_int8_skip_modules)
+    return out
+
+
+def _total(cfg, method, settings, seq_len, batch_size, checkpointing) -> int:
+    if method == "full":
+        return footprint(cfg, "full", batch_size=batch_size, seq_len=seq_len,
+                         gradient_checkpointing=checkpointing).total_bytes
+    r = settings.get("init_r", settings.get("r"))
+    return footprint(cfg, method, r=r, target_modules="all-linear", compute_dtype="bfloat16",
+                     double_quant=settings["quantization"] is not None, optimizer=settings["optimizer"],
+                     skip_modules=settings.get("skip_modules"), batch_size=batch_size, seq_len=seq_len,
+                     gradient_checkpointing=checkpointing).total_bytes
+
+
+def _ranks(cfg: dict, trainable_budget: int | None) -> dict:
+    if trainable_budget is None:
+        return {"r": DEFAULT_R, "init_r": DEFAULT_INIT_R, "target_r": DEFAULT_TARGET_R}
+    per_rank = footprint(cfg, "lora", r=1, target_modules="all-linear").adapter_params
+    per_rank_svd = footprint(cfg, "adalora", r=1, target_modules="all-linear").adapter_params  # + lora_E
+    if trainable_budget < per_rank_svd:
+        raise ValueError(f"trainable_budget={trainable_budget:,} is below one rank on the adapted matrices; "
+                         f"rank 1 needs {per_rank:,} LoRA / {per_rank_svd:,} AdaLoRA parameters, so pass at "
+                         f"least {per_rank_svd:,}")
+    target_r = trainable_budget // per_rank_svd
+    return {"r": trainable_budget // per_rank, "init_r": math.ceil(1.5 * target_r), "target_r": target_r}
+
+
+def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, priority: str = "accuracy",
+              seq_len: int = 512, batch_size: int = 1, tradeoffs: Tradeoffs | None = None) -> Recommendation:
+    """The method to fine-tune ``model`` with on one card of ``gpu_memory_gb`` GB (rules: module docstring)."""
+    _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget)
+    cfg, name = _config(model)
+    _check_seq_len(cfg, name, seq_len)
+    t = tradeoffs or Tradeoffs()
+    usable = USABLE_FRACTION * gpu_memory_gb * 1e9
+    ranks = _ranks(cfg, trainable_budget)
+    settings = {m: _settings(cfg, m, ranks) for m in ("lora", "adalora", "qlora", "qlora-adalora")}
+    total = {m: _total(cfg, m, settings.get(m), seq_len, batch_size, True) for m in ("full", *settings)}
+    fits = {m: total[m] <= usable for m in settings}
+    gains = t.adalora_accuracy_gain > 0
+    facts = {"lora_fits": fits["lora"], "priority": priority, "qlora_fits": fits["qlora"],
+             "adalora_fits_and_gains": fits["adalora"] and gains,
+             "qlora_adalora_fits_and_gains": fits["qlora-adalora"] and gains}
+    method, path = _walk(facts)
+
+    def need(m: str) -> str:
+        return f"{gb(total[m])}, which {'fits' if fits[m] else 'does not fit'}"
+
+    gain = f"{t.adalora_accuracy_gain:+.2f} accuracy points over LoRA at the same budget ({t.source})"
+    time = (f"{t.adalora_time_ratio:.3f}x LoRA's training time" if t.adalora_time_ratio else "time not reported")
+    qtime = f"{t.qlora_time_ratio:.3f}x LoRA's time per step" if t.qlora_time_ratio else "time per step not reported"
+    say = {
+        "N1": f"LoRA (r={ranks['r']}) on the 16-bit {name} needs {gb(total['lora'])} with gradient "
+              f"checkpointing and {gb(usable)} are usable on this {gpu_memory_gb:g} GB card "
+              f"({USABLE_FRACTION:.0%}), so it {'fits' if fits['lora'] else 'does not fit'}; full fine-tuning "
+              f"({gb(total['full'])}) is never needed, PEFT matches it (AdaLoRA paper Table 1: AdaLoRA 89.31 "
+              "vs full 88.09; QLoRA paper Table 3: LoRA 88.8 vs full 88.6).",
+        "N2": f"The priority is {priority}: "
+              + {"accuracy": "check whether AdaLoRA's budget allocation can be afforded.",
+                 "speed": f"16-bit LoRA avoids AdaLoRA's extra work ({time}) and QLoRA's dequantization "
+                          f"of every weight ({qtime}).",
+                 "memory": f"QLoRA needs {gb(total['qlora'])} instead of {gb(total['lora'])}, at "
+                           f"{t.qlora_accuracy_gain:+.2f} accuracy points ({t.source})."}[priority],
+        "N3": f"AdaLoRA (init_r={ranks['init_r']}, target_r={ranks['target_r']}) needs {need('adalora')} and "
+              f"gains {gain}, at {time}.",
+        "N4": f"QLoRA (NF4 + double quantization, r={ranks['r']}) needs {need('qlora')}; it changes accuracy by "
+              f"{t.qlora_accuracy_gain:+.2f} points against 16-bit LoRA, {qtime} ({t.source}).",
+        "N5": f"The priority is {priority}: "
+              + ("check whether AdaLoRA fits on the 4-bit base too." if priority == "accuracy" else
+                 f"plain QLoRA is the smallest and fastest 4-bit choice (AdaLoRA: {time})."),
+        "N6": f"QLoRA + AdaLoRA (init_r={ranks['init_r']}, target_r={ranks['target_r']}) needs "
+              f"{need('qlora-adalora')} and gains {gain}.",
+    }
+    reasons = tuple(say[node] for node, _ in path)
+    if method == "none":
+        config, alternatives = {}, _elsewhere(cfg, total["qlora"], usable, seq_len, batch_size)
+    else:
+        config = {**settings[method], "gradient_checkpointing":
+                  _total(cfg, method, settings[method], seq_len, batch_size, False) > usable}
+        alternatives = tuple(f"{LEAF_LABELS[m]} also fits: {gb(total[m])}" for m in settings
+                             if fits[m] and m != method)
+    return Recommendation(method, reasons, path, facts, {m: v / 1e9 for m, v in total.items()}, config,
+                          alternatives)
+
+
+def _elsewhere(cfg: dict, qlora_bytes: int, usable: float, seq_len: int, batch_size: int) -> tuple[str, ...]:
+    """What fits when nothing fits on this card: a bigger card, several of these, or a smaller model."""
+    card = math.ceil(qlora_bytes / USABLE_FRACTION / 1e8) / 10  # GB, rounded up to 0.1
+    cards = math.ceil(qlora_bytes / usable)
+    kind = DECODERS if cfg["model_type"] in DECODERS else ENCODERS
+    fitting = []
+    for other, other_cfg in PUBLISHED_CONFIGS.items():
+        if other_cfg["model_type"] in kind:
+            settings = _settings(other_cfg, "qlora", {"r": DEFAULT_R})
+            report_total = _total(other_cfg, "qlora", settings, seq_len, batch_size, True)
+            if report_total <= usable:
+                fitting.append((footprint(other, "full").total_params, other, report_total))
+    largest = (f"The largest published model whose QLoRA (r={DEFAULT_R}) fits this card is {max(fitting)[1]} "
+               f"({gb(max(fitting)[2])})." if fitting else "No published model of this kind fits this card in QLoRA.")
+    return (f"QLoRA needs {gb(qlora_bytes)}: a single card of at least {card:g} GB holds it.",
+            f"On cards of this size, device_map='auto' would split it over {cards} cards "
+            "(naive model parallelism: one card computes at a time).",
+            largest)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Recommend a PEFT method, or print the decision tree.")
+    parser.add_argument("--mermaid", action="store_true", help="print the mermaid flowchart of the rules")
+    parser.add_argument("--gpu-memory-gb", type=float, default=24.0)
+    parser.add_argument("--model", default="llama-2-7b", help=f"one of {sorted(PUBLISHED_CONFIGS)}")
+    parser.add_argument("--priority", default="accuracy", choices=PRIORITIES)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--trainable-budget", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.mermaid:
+        print(mermaid(), end="")
+        return
+    print(recommend(args.gpu_memory_gb, args.model, trainable_budget=args.trainable_budget, priority=args.priority,
+                    seq_len=args.seq_len, batch_size=args.batch_size))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""companion.select: the decision tree it draws, the decisions it makes, and footprint, all agree."""
+
+import itertools
+import math
+import pathlib
+import re
+
+import pandas as pd
+import pytest
+
+from companion.memory import PUBLISHED_CONFIGS, footprint, published_config
+from companion.select import LEAF_LABELS, USABLE_FRACTION, Tradeoffs, mermaid, recommend
+
+FIGURE = pathlib.Path(__file__).resolve().parents[1] / "book" / "figures" / "selection_tree.mmd"
+# the fact each question of the drawn tree reads, by node id
+FACT_OF = {"N1": "lora_fits", "N2": "priority", "N3": "adalora_fits_and_gains", "N4": "qlora_fits",
+           "N5": "priority", "N6": "qlora_adalora_fits_and_gains"}
+GPUS = [4, 8, 12, 16, 24, 40, 48, 80]
+MODELS = ["qwen2.5-0.5b", "qwen2.5-1.5b", "llama-2-7b", "llama-2-13b", "llama-65b", "llama-2-70b", "roberta-large"]
+PRIORITIES = ["accuracy", "speed", "memory"]
+BUDGET = 20_000_000  # at least rank 1 of AdaLoRA on every Linear of llama-2-70b (12.9M per rank)
+
+
+def parse_mermaid(text: str) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, str]]]:
+    """(questions id -> label, leaves id -> label, edges id -> {label: target}), read from the text alone."""
+    lines = text.strip().splitlines()
+    assert lines[0] == "flowchart TD"
+    questions, leaves, edges = {}, {}, {}
+    for line in lines[1:]:
+        line = line.strip()
+        if line.startswith("%%"):
+            continue
+        if m := re.fullmatch(r'(\w+)\{"([^"]*)"\}', line):
+            questions[m[1]] = m[2]
+        elif m := re.fullmatch(r'(\w+)\["([^"]*)"\]', line):
+            leaves[m[1]] = m[2]
+        elif m := re.fullmatch(r"(\w+) -->\|([^|]+)\| (\w+)", line):
+            assert m[2] not in edges.setdefault(m[1], {}), f"two edges labelled {m[2]} leave {m[1]}"
+            edges[m[1]][m[2]] = m[3]
+        else:
+            pytest.fail(f"unexpected mermaid line: {line!r}")
+    return questions, leaves, edges
+
+
+def walk_drawn_tree(text: str, facts: dict) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """Follow the drawn edges from the root (the node nothing points to); returns (leaf label, path)."""
+    questions, leaves, edges = parse_mermaid(text)
+    (root,) = set(questions) - {t for out in edges.values() for t in out.values()}
+    node, path = root, []
+    while node in questions:
+        fact = facts[FACT_OF[node]]
+        answer = fact if isinstance(fact, str) else ("yes" if fact else "no")
+        path.append((node, answer))
+        node = edges[node][answer]
+    return leaves[node], tuple(path)
+
+
+def usable(gpu_gb: float) -> float:
+    return USABLE_FRACTION * gpu_gb * 1e9
+
+
+def total(model, method, *, r=None, checkpointing=True, seq_len=512, batch_size=1) -> int:
+    """footprint as the brief defines the memory check, computed here independently of companion.select."""
+    quantized = method.startswith("qlora")
+    encoder = PUBLISHED_CONFIGS[model]["model_type"] == "roberta"
+    r = r or (12 if method.endswith("adalora") else 8)
+    kw = dict(double_quant=True, optimizer="paged_adamw_32bit",
+              skip_modules=["classifier"] if encoder else None) if quantized else dict(optimizer="adamw")
+    return footprint(model, method, r=r, target_modules="all-linear", compute_dtype="bfloat16",
+                     batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=checkpointing, **kw).total_bytes
+
+
+GRID = list(itertools.product(GPUS, MODELS, PRIORITIES, [None, BUDGET], [512, 2048]))
+
+
+@pytest.mark.parametrize("tradeoffs", [None, Tradeoffs(adalora_accuracy_gain=-0.5)], ids=["papers", "no-gain"])
+def test_the_drawn_tree_and_recommend_reach_the_same_leaf_by_the_same_path_on_a_grid(tradeoffs):
+    text = mermaid(tradeoffs)
+    reached = set()
+    for gpu_gb, model, priority, budget, seq_len in GRID:
+        seq_len = min(seq_len, 512) if model == "roberta-large" else seq_len
+        rec = recommend(gpu_gb, model, priority=priority, trainable_budget=budget, seq_len=seq_len,
+                        tradeoffs=tradeoffs)
+        label, path = walk_drawn_tree(text, rec.facts)
+        assert label == LEAF_LABELS[rec.method], (gpu_gb, model, priority, budget, seq_len)
+        assert path == rec.path
+        assert len(rec.reasons) == len(rec.path)
+        reached.add(rec.method)
+    papers = {"lora", "adalora", "qlora", "qlora-adalora", "none"}
+    assert reached == (papers if tradeoffs is None else papers - {"adalora", "qlora-adalora"})
+
+
+def test_the_tree_has_the_six_questions_and_five_leaves_with_the_documented_edges():
+    questions, leaves, edges = parse_mermaid(mermaid())
+    assert sorted(questions) == ["N1", "N2", "N3", "N4", "N5", "N6"]
+    assert sorted(leaves.values()) == sorted(LEAF_LABELS.values())
+    assert {n: sorted(e) for n, e in edges.items()} == {
+        "N1": ["no", "yes"], "N2": ["accuracy", "memory", "speed"], "N3": ["no", "yes"],
+        "N4": ["no", "yes"], "N5": ["accuracy", "memory", "speed"], "N6": ["no", "yes"]}
+    assert leaves[edges["N4"]["no"]] == "Nothing fits on one card"
+
+
+def test_a_negative_adalora_gain_is_drawn_in_the_adalora_questions_only():
+    papers = mermaid().splitlines()
+    measured = mermaid(Tradeoffs(adalora_accuracy_gain=-0.5)).splitlines()
+    changed = [(a, b) for a, b in zip(papers, measured) if a != b]
+    assert [b.split("{")[0].strip() for _, b in changed] == ["N3", "N6"]
+    assert all("+0.97 points" in a and "-0.50 points" in b for a, b in changed)
+
+
+def test_the_committed_figure_is_what_mermaid_generates():
+    assert FIGURE.read_text() == mermaid()
+
+
+def test_mermaid_labels_are_quoted_and_free_of_characters_that_break_the_parser():
+    for line in mermaid().splitlines()[1:]:
+        if m := re.search(r'[\[{]"(.*)"[\]}]', line):
+            assert not re.search(r'["#{}\[\]|<>]', m[1]), line
+
+
+@pytest.mark.parametrize("gpu_gb, model", [(24, "llama-2-7b"), (16, "qwen2.5-1.5b"), (48, "llama-65b"),
+                                           (12, "llama-2-13b"), (4, "roberta-large")])
+def test_fit_facts_are_footprint_against_the_usable_fraction_of_the_card(gpu_gb, model):
+    rec = recommend(gpu_gb, model)
+    fits = {m: total(model, m) <= usable(gpu_gb) for m in ("lora", "adalora", "qlora", "qlora-adalora")}
+    assert rec.facts["lora_fits"] == fits["lora"]
+    assert rec.facts["qlora_fits"] == fits["qlora"]
+    assert rec.facts["adalora_fits_and_gains"] == fits["adalora"]  # the papers' gain is positive
+    assert rec.facts["qlora_adalora_fits_and_gains"] == fits["qlora-adalora"]
+    for method in fits:
+        assert rec.footprint_gb[method] == total(model, method) / 1e9
+    assert rec.footprint_gb["full"] == footprint(model, "full", gradient_checkpointing=True).total_bytes / 1e9
+
+
+def test_rtx_4090_with_llama_2_7b_trains_16_bit_adalora_without_checkpointing_if_it_fits():
+    lora, adalora = total("llama-2-7b", "lora"), total("llama-2-7b", "adalora")
+    assert lora <= adalora <= usable(24)  # what the numbers imply
+    rec = recommend(24, "llama-2-7b")
+    assert rec.method == "adalora" and rec.path == (("N1", "yes"), ("N2", "accuracy"), ("N3", "yes"))
+    assert rec.config["gradient_checkpointing"] == (total("llama-2-7b", "adalora", checkpointing=False) > usable(24))
+    assert (rec.config["init_r"], rec.config["target_r"], rec.config["quantization"]) == (12, 8, None)
+    assert f"{lora / 1e9:.2f} GB" in rec.reasons[0] and "21.60 GB are usable on this 24 GB card" in rec.reasons[0]
+    assert f"{adalora / 1e9:.2f} GB" in rec.reasons[2] and "+0.97" in rec.reasons[2]
+    assert recommend(24, "llama-2-7b", priority="speed").method == "lora"
+    assert recommend(24, "llama-2-7b", priority="memory").method == "qlora"
+
+
+def test_colab_t4_with_qwen2_5_1_5b_fits_every_adapter_method():
+    assert total("qwen2.5-1.5b", "adalora") <= usable(16)
+    rec = recommend(16, "qwen2.5-1.5b")
+    assert rec.method == "adalora"
+    assert {a.split(" also fits")[0] for a in rec.alternatives} == {LEAF_LABELS[m] for m in
+                                                                     ("lora", "qlora", "qlora-adalora")}
+
+
+def test_a100_80gb_with_llama_2_13b_fits_16_bit_adalora_but_not_full_finetuning():
+    full = footprint("llama-2-13b", "full", gradient_checkpointing=True).total_bytes
+    assert total("llama-2-13b", "adalora") <= usable(80) < full
+    rec = recommend(80, "llama-2-13b")
+    assert rec.method == "adalora" and f"{full / 1e9:.2f} GB" in rec.reasons[0]
+
+
+def test_48gb_with_llama_65b_only_the_4_bit_methods_fit():
+    assert total("llama-65b", "lora") > usable(48) >= total("llama-65b", "qlora-adalora")
+    rec = recommend(48, "llama-65b")
+    assert rec.method == "qlora-adalora"
+    assert rec.path == (("N1", "no"), ("N4", "yes"), ("N5", "accuracy"), ("N6", "yes"))
+    assert rec.config["quantization"] == "nf4+dq" and rec.config["optimizer"] == "paged_adamw_32bit"
+    no_ckpt = total("llama-65b", "qlora-adalora", checkpointing=False)
+    assert rec.config["gradient_checkpointing"] == (no_ckpt > usable(48))
+    for priority in ("speed", "memory"):
+        assert recommend(48, "llama-65b", priority=priority).method == "qlora"
+
+
+def test_24gb_with_llama_2_70b_fits_nothing_and_says_what_would():
+    qlora = total("llama-2-70b", "qlora")
+    assert qlora > usable(24)
+    rec = recommend(24, "llama-2-70b")
+    assert rec.method == "none" and rec.config == {}
+    card_gb = float(re.search(r"at least ([\d.]+) GB", rec.alternatives[0])[1])
+    cards = int(re.search(r"over (\d+) cards", rec.alternatives[1])[1])
+    assert card_gb * 1e9 >= qlora / USABLE_FRACTION and card_gb - 0.1 < qlora / USABLE_FRACTION / 1e9
+    assert cards == math.ceil(qlora / usable(24)) >= 2
+    fitting = [n for n, c in PUBLISHED_CONFIGS.items() if c["model_type"] != "roberta"
+               and c["model_type"] != "bert" and total(n, "qlora") <= usable(24)]
+    largest = max(fitting, key=lambda n: footprint(n, "full").total_params)
+    assert f"is {largest} " in rec.alternatives[2]
+
+
+def test_trainable_budget_sets_lora_r_and_adalora_init_and_target_r():
+    per_rank = footprint("llama-2-7b", "lora", r=1, target_modules="all-linear").adapter_params
+    per_rank_svd = footprint("llama-2-7b", "adalora", r=1, target_modules="all-linear").adapter_params
+    budget = 5 * per_rank_svd + 123
+    lora = recommend(24, "llama-2-7b", trainable_budget=budget, priority="speed").config
+    adalora = recommend(24, "llama-2-7b", trainable_budget=budget).config
+    assert lora["r"] == budget // per_rank
+    assert adalora["target_r"] == budget // per_rank_svd == 5 and adalora["init_r"] == math.ceil(1.5 * 5)
+    ranks = [recommend(80, "llama-2-7b", trainable_budget=b).config["target_r"] for b in
+             range(per_rank_svd, 40 * per_rank_svd, 3 * per_rank_svd // 2)]
+    assert ranks == sorted(ranks) and ranks[-1] > ranks[0]
+
+
+def test_adalora_memory_is_checked_at_init_r():
+    budget = 40 * footprint("llama-2-7b", "adalora", r=1, target_modules="all-linear").adapter_params
+    rec = recommend(24, "llama-2-7b", trainable_budget=budget)
+    assert rec.footprint_gb["adalora"] == total("llama-2-7b", "adalora", r=60) / 1e9  # ceil(1.5 * 40)
+
+
+def test_gradient_checkpointing_is_switched_on_only_when_needed():
+    flags = set()
+    for gpu_gb in (24, 32, 40, 80):
+        rec = recommend(gpu_gb, "llama-2-7b", priority="speed", seq_len=2048)
+        assert rec.method == "lora"
+        needed = total("llama-2-7b", "lora", seq_len=2048, checkpointing=False) > usable(gpu_gb)
+        assert rec.config["gradient_checkpointing"] == needed
+        flags.add(needed)
+    assert flags == {True, False}  # both cases are exercised
+
+
+def test_models_can_be_given_as_config_dicts_and_transformers_configs():
+    expected = recommend(24, "llama-2-7b")
+    for model in (dict(PUBLISHED_CONFIGS["llama-2-7b"]), published_config("llama-2-7b")):
+        rec = recommend(24, model)
+        assert (rec.method, rec.path, rec.footprint_gb) == (expected.method, expected.path, expected.footprint_gb)
+
+
+def test_encoders_keep_the_classifier_out_of_4_bit():
+    rec = recommend(4, "roberta-large", priority="memory")
+    assert rec.method == "qlora" and rec.config["skip_modules"] == ["classifier"]
+
+
+def test_recommendation_prints_the_method_reasons_and_footprints():
+    text = str(recommend(48, "llama-65b"))
+    assert "QLoRA + AdaLoRA" in text and "N6 -> yes" in text and "full 784" in text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gpu_memory_gb=0), r"gpu_memory_gb must be a positive number.*got 0"),
+    (dict(gpu_memory_gb=-1), r"gpu_memory_gb must be a positive number.*got -1"),
+    (dict(gpu_memory_gb="24"), r"gpu_memory_gb must be a positive number.*got '24'"),
+    (dict(model="llama-3-8b"), r"unknown model 'llama-3-8b'.*llama-2-7b.*qwen2\.5-1\.5b"),
+    (dict(model={"model_type": "gpt2"}), r"unsupported architecture model_type='gpt2'"),
+    (dict(priority="cost"), r"unknown priority 'cost'.*'accuracy', 'memory', 'speed'"),
+    (dict(seq_len=0), r"seq_len must be a positive integer, got 0"),
+    (dict(batch_size=1.5), r"batch_size must be a positive integer, got 1.5"),
+    (dict(model="roberta-large", seq_len=1024), r"seq_len=1024 exceeds the 512 positions"),
+    (dict(trainable_budget=0), r"trainable_budget must be a positive integer.*got 0"),
+    (dict(trainable_budget=1000), r"trainable_budget=1,000 is below one rank.*pass at least [\d,]+"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_input_raises_value_error_naming_the_problem_and_the_choices(kwargs, message):
+    kwargs = {"gpu_memory_gb": 24, "model": "llama-2-7b", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        recommend(kwargs.pop("gpu_memory_gb"), kwargs.pop("model"), **kwargs)
+
+
+def test_a_budget_one_parameter_below_rank_1_names_the_minimum():
+    minimum = footprint("qwen2.5-1.5b", "adalora", r=1, target_modules="all-linear").adapter_params
+    with pytest.raises(ValueError, match=f"at least {minimum:,}"):
+        recommend(16, "qwen2.5-1.5b", trainable_budget=minimum - 1)
+    assert recommend(16, "qwen2.5-1.5b", trainable_budget=minimum).config["target_r"] == 1
+
+
+RESULTS = pd.DataFrame({
+    "method": ["lora"] * 3 + ["adalora"] * 3 + ["qlora"] * 3 + ["full"] * 3,
+    "seed": [0, 1, 2] * 4,
+    "accuracy": [0.80, 0.82, 0.81, 0.83, 0.84, 0.82, 0.79, 0.81, 0.80, 0.85, 0.84, 0.86],
+    "seconds_per_step": [0.10, 0.11, 0.12, 0.13, 0.12, 0.14, 0.20, 0.21, 0.19, 0.30, 0.31, 0.29],
+})
+
+
+@pytest.mark.parametrize("scale", [1, 100], ids=["fraction", "percent"])
+def test_tradeoffs_from_results_are_mean_differences_in_points_and_mean_time_ratios(scale):
+    frame = RESULTS.assign(accuracy=RESULTS["accuracy"] * scale)
+    mean = RESULTS.groupby("method").mean()
+    t = Tradeoffs.from_results(frame)
+    assert t.adalora_accuracy_gain == pytest.approx(100 * (mean.accuracy["adalora"] - mean.accuracy["lora"]))
+    assert t.qlora_accuracy_gain == pytest.approx(100 * (mean.accuracy["qlora"] - mean.accuracy["lora"]))
+    assert t.adalora_time_ratio == pytest.approx(mean.seconds_per_step["adalora"] / mean.seconds_per_step["lora"])
+    assert t.qlora_time_ratio == pytest.approx(mean.seconds_per_step["qlora"] / mean.seconds_per_step["lora"])
+    assert t.source.startswith("measured:")
+
+
+def test_tradeoffs_from_results_refuse_results_without_lora():
+    with pytest.raises(ValueError, match=r"lack the method\(s\) \['lora'\].*'adalora', 'full', 'qlora'"):
+        Tradeoffs.from_results(RESULTS[RESULTS.method != "lora"])
+
+
+def test_measured_tradeoffs_drive_the_recommendation():
+    worse = RESULTS.assign(accuracy=RESULTS.accuracy.where(RESULTS.method != "adalora", 0.5))
+    rec = recommend(24, "llama-2-7b", tradeoffs=Tradeoffs.from_results(worse))
+    assert rec.method == "lora" and "measured:" in rec.reasons[2]
