@@ -18,6 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -74,13 +75,16 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
           config: TrainConfig = TrainConfig(), *, scheduler=None,
           evaluate: Callable[[torch.nn.Module], dict] | None = None,
           after_backward: Callable[[int, torch.nn.Module], None] | None = None,
-          after_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainLog:
+          after_step: Callable[[int, torch.nn.Module], None] | None = None,
+          step_context: Callable[[int], AbstractContextManager | None] | None = None) -> TrainLog:
     """Train ``model`` for ``config.max_steps`` optimizer steps on batches from ``loader``.
 
     Batches are dicts of tensors that the model accepts as keyword arguments and that
     include ``labels``, so ``model(**batch).loss`` is the loss (transformers convention).
     ``evaluate(model)`` returns a dict of metrics; it runs every ``eval_every`` steps
-    and after the last one, in ``eval`` mode.
+    and after the last one, in ``eval`` mode. ``step_context(step)`` may return a context manager
+    that wraps that whole optimizer step, hooks included (e.g. :class:`companion.memtrack.PeakMemory`
+    to measure one step's peak); ``None`` wraps nothing.
     """
     device = next(model.parameters()).device
     log = TrainLog()
@@ -89,23 +93,25 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     bar = tqdm(range(1, config.max_steps + 1), desc="train", disable=not config.progress,
                mininterval=2.0, file=sys.stderr)
     for step in bar:
-        start = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(config.grad_accum):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            loss = model(**batch).loss / config.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        if after_backward is not None:
-            after_backward(step, model)
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        if after_step is not None:  # e.g. AdaLoRA's update_and_allocate: needs the gradients
-            after_step(step, model)
-        optimizer.zero_grad(set_to_none=True)
-        if scheduler is not None:
-            scheduler.step()
+        context = (step_context(step) if step_context is not None else None) or nullcontext()
+        with context:
+            start = time.perf_counter()
+            loss_sum = 0.0
+            for _ in range(config.grad_accum):
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                loss = model(**batch).loss / config.grad_accum
+                loss.backward()
+                loss_sum += loss.item()
+            if after_backward is not None:
+                after_backward(step, model)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            if after_step is not None:  # e.g. AdaLoRA's update_and_allocate: needs the gradients
+                after_step(step, model)
+            optimizer.zero_grad(set_to_none=True)
+            if scheduler is not None:
+                scheduler.step()
         log.steps.append({"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
                           "seconds": time.perf_counter() - start,
                           "peak_memory_bytes": peak_memory_bytes(device)})

@@ -71,6 +71,26 @@ def test_hooks_see_gradients_after_backward_and_after_the_optimizer_step():
     assert seen == [("backward", 1, True), ("step", 1, True), ("backward", 2, True), ("step", 2, True)]
 
 
+def test_step_context_wraps_only_its_step_including_the_hooks():
+    events = []
+
+    class Probe:
+        def __init__(self, step):
+            self.step = step
+
+        def __enter__(self):
+            events.append(("enter", self.step))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.step))
+
+    model = Classifier()
+    train(model, separable_batches(3, 4), torch.optim.SGD(model.parameters(), lr=0.1),
+          TrainConfig(max_steps=3, progress=False), after_step=lambda step, m: events.append(("hook", step)),
+          step_context=lambda step: Probe(step) if step == 2 else None)
+    assert events == [("hook", 1), ("enter", 2), ("hook", 2), ("exit", 2), ("hook", 3)]
+
+
 def test_evaluation_runs_every_eval_every_steps_and_at_the_end():
     model = Classifier()
     log = train(model, separable_batches(2, 4), torch.optim.SGD(model.parameters(), lr=0.1),
