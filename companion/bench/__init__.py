@@ -1,0 +1,20 @@
+"""The comparison harness of Chapter 6: every method on the same task, data, steps and budget.
+
+- :mod:`.tasks`   -- :class:`Task`: model loader, data, metric, adapted layers (MiniLM, GLUE, causal LMs)
+- :mod:`.harness` -- :class:`BenchConfig`, the budget check, one arm per method, :func:`run_benchmark`
+- :mod:`.results` -- :class:`BenchResults`: tidy CSV/JSON files, the summary table, the plots
+
+    task = sentiment_task(profile)
+    results = run_benchmark(task, BenchConfig())
+    results.save("results/ch06")
+    results.table()
+"""
+
+from .harness import (ADAPTER_METHODS, METHODS, BenchConfig, adapted_shapes, build_arm, check_budgets, run_benchmark,
+                      run_one, trainable_budget)
+from .results import LABELS, BenchResults, plot_accuracy_vs_memory, plot_learning_curves, plot_rank_heatmaps
+from .tasks import Task, instruction_task, sentiment_task
+
+__all__ = ["ADAPTER_METHODS", "LABELS", "METHODS", "BenchConfig", "BenchResults", "Task", "adapted_shapes",
+           "build_arm", "check_budgets", "instruction_task", "plot_accuracy_vs_memory", "plot_learning_curves",
+           "plot_rank_heatmaps", "run_benchmark", "run_one", "sentiment_task", "trainable_budget"]

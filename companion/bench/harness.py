@@ -1,0 +1,225 @@
+"""Run full fine-tuning, LoRA, AdaLoRA, QLoRA and QLoRA + AdaLoRA on one :class:`~.tasks.Task`.
+
+Fair by construction: every arm gets the same task object (model loader, batches, metric), the same
+number of optimizer steps, the same seeds, and -- for the four adapter methods -- the same
+*trainable-parameter budget*, which :func:`check_budgets` enforces before anything trains:
+
+- LoRA / QLoRA at rank ``r``: ``r * sum(d_in + d_out)`` over the adapted matrices;
+- AdaLoRA / QLoRA + AdaLoRA at ``target_r``: ``target_r * sum(d_in + d_out + 1)`` (P column, Q row and
+  lambda per triplet), the budget the paper compares at (AdaLoRA §4, Table 1: 1.27M vs LoRA 1.33M).
+  AdaLoRA *starts* with ``init_r`` triplets per matrix and prunes to this budget; both counts are
+  reported (``trainable_params`` at the start, ``budget_params`` at the end).
+
+The adapters are the course's tested code: LoRA is PEFT's, AdaLoRA the companion's (equal to PEFT's
+step for step, Chapter 3, and free of PEFT 0.21.2's trainable ``ranknum`` on 16-bit bases); the arms
+are built by :func:`companion.adalora.prepare_variant`, as in the Chapter 3 ablation. The 4-bit arms
+load the base in NF4 with double quantization (QLoRA §3) and go through
+``peft.prepare_model_for_kbit_training`` without gradient checkpointing, which no arm uses.
+
+Measured per run: validation accuracy every ``eval_every`` steps (learning curve, steps to
+``target_accuracy``), final validation and test accuracy, median seconds per step, the peak tensor
+memory of one training step (:class:`companion.memtrack.PeakMemory`, taken in AdaLoRA's budgeting phase
+so that its importance scores are counted), trainable parameters, and the bytes of the stored base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adalora import AblationSettings, PreparedRun, prepare_variant
+from ..adalora.layer import _matches, is_linear4bit
+from ..measure import stored_bytes, trainable_parameters
+from ..memtrack import PeakMemory, model_tensors, optimizer_device_tensors
+from ..train import TrainConfig, train
+from .results import BenchResults
+from .tasks import Task
+
+METHODS = ("full", "lora", "adalora", "qlora", "qlora-adalora")
+ADAPTER_METHODS = METHODS[1:]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One comparison; the defaults are the ``ci`` profile's (MiniLM, 80 steps, 3 seeds).
+
+    ``lr`` per method: each method at a rate that trains it in this many steps (AdaLoRA's Lambda = 0
+    and small Gaussian P, Q want a larger rate than LoRA's B = 0, Kaiming A; Chapter 3's ablation).
+    ``ranks`` overrides ``r`` (LoRA) or ``target_r`` (AdaLoRA) per method -- for experiments, and to
+    show the budget check at work.
+    """
+
+    methods: tuple[str, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    max_steps: int = 80
+    eval_every: int = 10
+    target_accuracy: float = 0.9  # validation accuracy for "steps to target"
+    r: int = 4  # LoRA r = AdaLoRA target_r: the shared final budget
+    init_r: int = 6  # AdaLoRA starts at 1.5 x the final budget (paper §3.3)
+    ranks: dict[str, int] = field(default_factory=dict)
+    lora_alpha: float = 32.0
+    lr: dict[str, float] = field(default_factory=lambda: {"full": 1e-4, "lora": 5e-4, "qlora": 5e-4,
+                                                          "adalora": 5e-3, "qlora-adalora": 5e-3})
+    tinit: int = 10
+    tfinal: int = 20
+    deltaT: int = 5
+    orth_reg_weight: float = 0.1
+    max_grad_norm: float | None = 1.0
+    budget_tolerance: float = 0.05  # largest relative difference of trainable budgets between adapter methods
+    measure_step: int | None = None  # the step whose peak memory is measured; None: tinit + deltaT
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one seed; the chapter uses three, (0, 1, 2)")
+        if missing := [m for m in self.methods if m not in self.lr]:
+            raise ValueError(f"no learning rate for {missing}; add them to lr={{...}}")
+        if not 0 <= self.budget_tolerance < 1:
+            raise ValueError(f"budget_tolerance is a fraction in [0, 1), got {self.budget_tolerance}")
+        if not 1 <= self.rank("adalora") <= self.init_r:
+            raise ValueError(f"AdaLoRA's target_r = {self.rank('adalora')} must lie in [1, init_r = {self.init_r}]")
+        TrainConfig(max_steps=self.max_steps)  # validates max_steps
+
+    def rank(self, method: str) -> int:
+        return self.ranks.get(method, self.r)
+
+    @property
+    def peak_step(self) -> int:
+        return self.measure_step or min(self.max_steps, self.tinit + self.deltaT)
+
+    def settings(self, method: str) -> AblationSettings:
+        return AblationSettings(init_r=self.init_r, target_r=self.rank(method), lora_alpha=self.lora_alpha,
+                                lr=self.lr[method], lora_lr=self.lr[method], total_step=self.max_steps,
+                                tinit=self.tinit, tfinal=self.tfinal, deltaT=self.deltaT,
+                                orth_reg_weight=self.orth_reg_weight)
+
+
+def adapted_shapes(model: nn.Module, target_modules) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear layer an adapter will wrap (PEFT's name-matching rule)."""
+    shapes = [(m.in_features, m.out_features) for n, m in model.named_modules()
+              if n and _matches(n, list(target_modules)) and (isinstance(m, nn.Linear) or is_linear4bit(m))]
+    if not shapes:
+        raise ValueError(f"no linear layer matches target_modules={list(target_modules)}")
+    return shapes
+
+
+def trainable_budget(method: str, shapes: list[tuple[int, int]], rank: int) -> int:
+    """Adapter parameters at the end of training (see the module docstring); 0 for full fine-tuning."""
+    if method == "full":
+        return 0
+    extra = 1 if method.endswith("adalora") else 0  # lambda_i
+    return rank * sum(d_in + d_out + extra for d_in, d_out in shapes)
+
+
+def check_budgets(budgets: dict[str, int], tolerance: float) -> None:
+    """Refuse adapter methods whose trainable budgets differ by more than ``tolerance`` (relative to the
+    smallest), and say by how much."""
+    budgets = {m: b for m, b in budgets.items() if m != "full"}
+    if len(budgets) < 2:
+        return
+    low_method = min(budgets, key=budgets.get)
+    low = budgets[low_method]
+    for method, budget in budgets.items():
+        gap = (budget - low) / low
+        if gap > tolerance:
+            raise ValueError(
+                f"unequal trainable budgets: {method} has {budget:,} adapter parameters, {gap:.1%} more than "
+                f"{low_method}'s {low:,} (tolerance {tolerance:.0%}). Give every adapter method the same rank "
+                f"(LoRA r = AdaLoRA target_r) or raise budget_tolerance.")
+
+
+def _importance_tensors(run: PreparedRun) -> list[torch.Tensor]:
+    if run.allocator is None:
+        return []
+    tracker = run.allocator.scorer.tracker
+    return [t for d in (tracker.ipt, tracker.exp_avg_ipt, tracker.exp_avg_unc) for t in d.values()]
+
+
+def build_arm(method: str, task: Task, config: BenchConfig, seed: int) -> tuple[PreparedRun, int, int]:
+    """A fresh base model turned into ``method``'s arm; also returns the stored bytes of the base model
+    and the arm's trainable budget (:func:`trainable_budget`; for full fine-tuning, all parameters)."""
+    quantized = method.startswith("qlora")
+    torch.manual_seed(seed)
+    model = task.load_model(seed, quantized)
+    base_bytes = stored_bytes(model)
+    budget = trainable_budget(method, adapted_shapes(model, task.target_modules), config.rank(method))
+    torch.manual_seed(seed)  # adapters drawn from the seed too
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad = True
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr[method])
+        return PreparedRun(model, optimizer), base_bytes, trainable_parameters(model)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    settings = dataclasses.replace(config.settings(method), target_modules=task.target_modules,
+                                   trainable_modules=task.trainable_modules)
+    head = sum(p.numel() for n, m in model.named_modules() if n and _matches(n, list(task.trainable_modules))
+               for p in m.parameters())
+    return prepare_variant("paper" if method.endswith("adalora") else "lora", model, settings), base_bytes, budget + head
+
+
+def run_one(method: str, seed: int, task: Task, config: BenchConfig, *, progress: bool = False):
+    """Train one arm; returns (row of results, validation curve rows, loss rows, final ranks or None)."""
+    run, base_bytes, budget = build_arm(method, task, config, seed)
+    trainable = trainable_parameters(run.model)
+    peak = {}
+
+    def step_context(step: int):
+        if step != config.peak_step:
+            return None
+        baseline = model_tensors(run.model) + optimizer_device_tensors(run.optimizer) + _importance_tensors(run)
+        peak["meter"] = PeakMemory(task.device, baseline=baseline)
+        return peak["meter"]
+
+    log = train(run.model, task.loaders["train"], run.optimizer,
+                TrainConfig(max_steps=config.max_steps, eval_every=config.eval_every,
+                            max_grad_norm=config.max_grad_norm, progress=progress),
+                evaluate=lambda m: {"val_accuracy": task.evaluate(m, "validation")},
+                after_backward=run.after_backward, after_step=run.after_step, step_context=step_context)
+    evals = log.eval_frame()
+    reached = evals.loc[evals["val_accuracy"] >= config.target_accuracy, "step"]
+    seconds = log.frame()["seconds"].drop(index=config.peak_step - 1)  # the measured step runs slower on a CPU
+    row = {"method": method, "seed": seed, "val_accuracy": evals["val_accuracy"].iloc[-1],
+           "test_accuracy": task.evaluate(run.model.eval(), "test"),
+           "steps_to_target": float(reached.iloc[0]) if len(reached) else math.nan,
+           "seconds_per_step": float(seconds.iloc[1:].median()),  # the first step allocates optimizer state
+           "peak_memory_bytes": peak["meter"].peak_bytes, "trainable_params": trainable,
+           "budget_params": budget,
+           "base_storage_bytes": base_bytes}
+    curve = [{"method": method, "seed": seed, **r} for r in evals.to_dict("records")]
+    losses = [{"method": method, "seed": seed, "step": r["step"], "loss": r["loss"]}
+              for r in log.frame().to_dict("records")]
+    ranks = run.allocator.ranks() if run.allocator is not None else None
+    return row, curve, losses, ranks
+
+
+def run_benchmark(task: Task, config: BenchConfig = BenchConfig()) -> BenchResults:
+    """Every method x seed of ``config`` on ``task``; checks the budgets first, then trains."""
+    probe = task.load_model(config.seeds[0], False)
+    shapes = adapted_shapes(probe, task.target_modules)
+    del probe
+    check_budgets({m: trainable_budget(m, shapes, config.rank(m)) for m in config.methods}, config.budget_tolerance)
+    rows, curves, losses, ranks = [], [], [], {}
+    start = time.perf_counter()
+    for method, seed in tqdm([(m, s) for m in config.methods for s in config.seeds], desc="runs"):
+        row, curve, loss, final_ranks = run_one(method, seed, task, config)
+        rows.append(row)
+        curves += curve
+        losses += loss
+        if final_ranks is not None:
+            ranks.setdefault(method, {})[str(seed)] = final_ranks
+    meta = {"task": task.name, "description": task.description, "device": str(task.device),
+            "torch": torch.__version__, "minutes": (time.perf_counter() - start) / 60,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}}
+    return BenchResults(pd.DataFrame(rows), pd.DataFrame(curves), pd.DataFrame(losses), ranks, meta)
