@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adalora import AblationSettings, PreparedRun, prepare_variant
+from ..adalora import AblationSettings, PreparedRun, check_schedule, prepare_variant
 from ..adalora.layer import _matches, is_linear4bit
 from ..measure import stored_bytes, trainable_parameters
 from ..memtrack import PeakMemory, model_tensors, optimizer_device_tensors
@@ -85,16 +85,24 @@ class BenchConfig:
             raise ValueError(f"no learning rate for {missing}; add them to lr={{...}}")
         if not 0 <= self.budget_tolerance < 1:
             raise ValueError(f"budget_tolerance is a fraction in [0, 1), got {self.budget_tolerance}")
-        if not 1 <= self.rank("adalora") <= self.init_r:
-            raise ValueError(f"AdaLoRA's target_r = {self.rank('adalora')} must lie in [1, init_r = {self.init_r}]")
         TrainConfig(max_steps=self.max_steps)  # validates max_steps
+        for method in (m for m in self.methods if m.endswith("adalora")):
+            if not 1 <= self.rank(method) <= self.init_r:
+                raise ValueError(f"{method}'s target_r = {self.rank(method)} must lie in [1, init_r = {self.init_r}]")
+            # caught here, not after the other arms have trained
+            check_schedule(init_budget=self.init_r, target_budget=self.rank(method), tinit=self.tinit,
+                           tfinal=self.tfinal, total_step=self.max_steps, deltaT=self.deltaT)
+        if not 1 <= self.peak_step <= self.max_steps:
+            raise ValueError(f"measure_step must be a step in [1, max_steps = {self.max_steps}], got {self.measure_step}")
 
     def rank(self, method: str) -> int:
         return self.ranks.get(method, self.r)
 
     @property
     def peak_step(self) -> int:
-        return self.measure_step or min(self.max_steps, self.tinit + self.deltaT)
+        if self.measure_step is not None:
+            return self.measure_step
+        return min(self.max_steps, self.tinit + self.deltaT)
 
     def settings(self, method: str) -> AblationSettings:
         return AblationSettings(init_r=self.init_r, target_r=self.rank(method), lora_alpha=self.lora_alpha,
@@ -182,6 +190,9 @@ def run_one(method: str, seed: int, task: Task, config: BenchConfig, *, progress
         peak["meter"] = PeakMemory(task.device, baseline=baseline)
         return peak["meter"]
 
+    generator = getattr(task.loaders["train"], "generator", None)
+    if generator is not None:  # a DataLoader's generator advances with every pass: rewind it, same batches per seed
+        generator.manual_seed(seed)
     log = train(run.model, task.loaders["train"], run.optimizer,
                 TrainConfig(max_steps=config.max_steps, eval_every=config.eval_every,
                             max_grad_norm=config.max_grad_norm, progress=progress),
@@ -189,11 +200,14 @@ def run_one(method: str, seed: int, task: Task, config: BenchConfig, *, progress
                 after_backward=run.after_backward, after_step=run.after_step, step_context=step_context)
     evals = log.eval_frame()
     reached = evals.loc[evals["val_accuracy"] >= config.target_accuracy, "step"]
-    seconds = log.frame()["seconds"].drop(index=config.peak_step - 1)  # the measured step runs slower on a CPU
+    # median over the steps after the first (it allocates optimizer state), without the measured one (slower on a CPU)
+    steps = log.frame()
+    timed = steps.loc[(steps["step"] > 1) & (steps["step"] != config.peak_step), "seconds"]
+    seconds = timed if len(timed) else steps["seconds"]
     row = {"method": method, "seed": seed, "val_accuracy": evals["val_accuracy"].iloc[-1],
            "test_accuracy": task.evaluate(run.model.eval(), "test"),
            "steps_to_target": float(reached.iloc[0]) if len(reached) else math.nan,
-           "seconds_per_step": float(seconds.iloc[1:].median()),  # the first step allocates optimizer state
+           "seconds_per_step": float(seconds.median()),
            "peak_memory_bytes": peak["meter"].peak_bytes, "trainable_params": trainable,
            "budget_params": budget,
            "base_storage_bytes": base_bytes}

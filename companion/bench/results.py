@@ -123,8 +123,9 @@ def plot_learning_curves(results: BenchResults, ax=None, target: float | None = 
     return ax
 
 
-def plot_rank_heatmaps(results: BenchResults, init_r: int, seed: str = "0"):
-    """Final AdaLoRA rank of every matrix (layers x matrix types), one panel per AdaLoRA method."""
+def plot_rank_heatmaps(results: BenchResults, init_r: int, seed: str | int | None = None):
+    """Final AdaLoRA rank of every matrix (layers x matrix types), one panel per AdaLoRA method;
+    ``seed`` defaults to the first seed stored."""
     import matplotlib.pyplot as plt
 
     from ..adalora import rank_grid
@@ -132,6 +133,10 @@ def plot_rank_heatmaps(results: BenchResults, init_r: int, seed: str = "0"):
     methods = [m for m in results.methods if m in results.ranks]
     if not methods:
         raise ValueError("these results have no AdaLoRA runs, so there are no ranks to plot")
+    stored = list(results.ranks[methods[0]])
+    seed = stored[0] if seed is None else str(seed)
+    if any(seed not in results.ranks[m] for m in methods):
+        raise ValueError(f"no ranks stored for seed {seed!r}; stored seeds: {stored}")
     fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
         grid = rank_grid(results.ranks[method][str(seed)]).T  # rows: matrix types, columns: layers
