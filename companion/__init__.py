@@ -14,6 +14,10 @@ One module per concept, in the order the book teaches them:
 - :mod:`companion.memtrack`  -- live tensor bytes on CPU, peak memory on CUDA (Chapters 4-5)
 - :mod:`companion.qlora`     -- the 4-bit fine-tuning pipeline: load, target, generate, save, merge (Chapter 5)
 - :mod:`companion.train`     -- one small training loop shared by the chapters, and a Trainer recipe
+- :mod:`companion.bench`     -- the comparison harness: five methods, equal budgets, results files, plots (Chapter 6)
+- :mod:`companion.select`    -- `recommend`: which method fits which card, and the decision tree it draws (Chapter 7)
+- :mod:`companion.migrate`   -- a trained LoRA/QLoRA adapter into AdaLoRA through an SVD (Chapter 7)
+- :mod:`companion.pissa`     -- PiSSA initialisation, equal to PEFT's (Chapter 7)
 - :mod:`companion.check_env` -- ``python -m companion.check_env``
 
 Submodules are imported on demand, so ``import companion`` stays cheap.
