@@ -84,10 +84,13 @@ class Tradeoffs:
     source: str = "AdaLoRA paper Table 1 (GLUE, DeBERTaV3-base) and App. H Table 15; QLoRA paper Table 4 (MMLU)"
 
     @classmethod
-    def from_results(cls, frame) -> Tradeoffs:
-        """From the comparison harness's tidy results: one row per (method, seed) with ``accuracy`` (a fraction
-        in [0, 1] or a percentage, used as is and converted to points) and ``seconds_per_step``. Gains are
-        differences of mean accuracy to LoRA, time ratios are ratios of mean seconds per step."""
+    def from_results(cls, frame, accuracy: str = "accuracy") -> Tradeoffs:
+        """From the comparison harness's tidy results: one row per (method, seed) with an accuracy column named
+        ``accuracy`` (a fraction in [0, 1] or a percentage, used as is and converted to points; for
+        ``companion.bench.BenchResults.runs`` pass ``accuracy="test_accuracy"``) and ``seconds_per_step``. Gains
+        are differences of mean accuracy to LoRA, time ratios are ratios of mean seconds per step."""
+        if accuracy in frame.columns:
+            frame = frame.assign(accuracy=frame[accuracy])
         missing = {"method", "seed", "accuracy", "seconds_per_step"} - set(frame.columns)
         if missing:
             raise ValueError(f"results lack the column(s) {sorted(missing)}; expected one row per (method, seed) "

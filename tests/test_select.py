@@ -280,6 +280,16 @@ def test_tradeoffs_from_results_are_mean_differences_in_points_and_mean_time_rat
     assert t.source.startswith("measured:")
 
 
+def test_tradeoffs_from_results_read_the_named_accuracy_column_of_the_harness_runs_table():
+    runs = RESULTS.rename(columns={"accuracy": "test_accuracy"}).assign(val_accuracy=0.99)
+    named = Tradeoffs.from_results(runs, accuracy="test_accuracy")
+    expected = Tradeoffs.from_results(RESULTS)
+    assert (named.adalora_accuracy_gain, named.qlora_accuracy_gain) == pytest.approx(
+        (expected.adalora_accuracy_gain, expected.qlora_accuracy_gain))
+    with pytest.raises(ValueError, match=r"lack the column\(s\) \['accuracy'\]"):
+        Tradeoffs.from_results(runs)
+
+
 def test_tradeoffs_from_results_refuse_results_without_lora():
     with pytest.raises(ValueError, match=r"lack the method\(s\) \['lora'\].*'adalora', 'full', 'qlora'"):
         Tradeoffs.from_results(RESULTS[RESULTS.method != "lora"])

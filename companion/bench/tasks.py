@@ -59,11 +59,11 @@ class Task:
             raise ValueError(f"task {self.name!r} needs train, validation and test loaders; missing {sorted(missing)}")
 
 
-def _quantize_minilm(model: nn.Module, compute_dtype: torch.dtype) -> nn.Module:
+def _to_4bit(model: nn.Module, compute_dtype: torch.dtype, skip_modules: list[str] | None = None) -> nn.Module:
+    """A model built in code, reloaded with NF4 + double-quantized weights (``ci`` profile stand-in for a hub load)."""
     from ..measure import load_in_4bit
 
-    # the new head stays out of 4 bit, or it could not be trained (llm_int8_skip_modules replaces the defaults)
-    return keep_dequantize_kernel_on_cpu(load_in_4bit(model, compute_dtype=compute_dtype, skip_modules=["classifier"]))
+    return keep_dequantize_kernel_on_cpu(load_in_4bit(model, compute_dtype=compute_dtype, skip_modules=skip_modules))
 
 
 def sentiment_task(profile: Profile, *, model: str = "deberta-v3-base", glue_task: str = "sst2",
@@ -79,7 +79,8 @@ def sentiment_task(profile: Profile, *, model: str = "deberta-v3-base", glue_tas
 
         def load(seed: int, quantized: bool) -> nn.Module:
             base = load_minilm_classifier(num_labels=2, seed=seed)[0]
-            return (_quantize_minilm(base, profile.dtype) if quantized else base).to(profile.device)
+            # the new head stays out of 4 bit, or it could not be trained (the list replaces the defaults)
+            return (_to_4bit(base, profile.dtype, ["classifier"]) if quantized else base).to(profile.device)
 
         return Task("negation-sentiment", "all-MiniLM-L6-v2 (22.7M parameters) on the course's generated "
                     "negation sentiment task", load, loaders, _accuracy(loaders), BERT_MATRICES, ("classifier",),
@@ -135,11 +136,7 @@ def instruction_task(profile: Profile, *, model: str = "qwen2.5-0.5b", families:
     def load(seed: int, quantized: bool) -> nn.Module:
         if profile.is_ci:
             base = build_tiny_llama(seed=seed)
-            if quantized:
-                from ..measure import load_in_4bit
-
-                base = keep_dequantize_kernel_on_cpu(load_in_4bit(base, compute_dtype=profile.dtype))
-            return base.to(profile.device)
+            return (_to_4bit(base, profile.dtype) if quantized else base).to(profile.device)
         kwargs = dict(dtype=profile.dtype, device_map={"": profile.device.index or 0})
         if quantized:
             kwargs["quantization_config"] = bnb_4bit_config(profile.dtype)
