@@ -21,6 +21,28 @@ One module per concept, in the order the book teaches them:
 - :mod:`companion.check_env` -- ``python -m companion.check_env``
 
 Submodules are imported on demand, so ``import companion`` stays cheap.
+
+**Sharing the CPU.** Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless you set it yourself.
+PyTorch's CPU kernels run on GNU OpenMP threads, which by default spin for a while at every barrier
+instead of sleeping. Alone that is harmless; beside another CPU-bound program (a second notebook, a
+browser tab) a spinning thread holds a core the other program needs, and a training cell runs ten or
+more times slower instead of twice (``python -m benchmarks busy`` measures it). OpenMP reads the
+setting once, when ``torch`` is first imported, so the notebooks import ``companion`` first; if
+``torch`` was imported before and the variable is unset, a warning says how to get the setting.
 """
 
+import os as _os
+import sys as _sys
+import warnings as _warnings
+
 __version__ = "0.1.0"
+
+OMP_WAIT_POLICY = "PASSIVE"  # waiting OpenMP threads sleep instead of spinning (see above)
+
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+elif "OMP_WAIT_POLICY" not in _os.environ:
+    _warnings.warn("torch was imported before companion, so its OpenMP threads keep spinning while they wait: "
+                   "beside another busy program training can run 10x slower. Import companion before torch "
+                   "(a fresh kernel), or set OMP_WAIT_POLICY=PASSIVE in the environment that starts Jupyter.",
+                   RuntimeWarning, stacklevel=2)
