@@ -42,8 +42,15 @@ def load_in_4bit(model, *, double_quant: bool = True, quant_type: str = "nf4",
 
     ``skip_modules`` becomes ``llm_int8_skip_modules``: when given it *replaces* transformers'
     default list, so include ``"lm_head"`` (causal LMs) or ``"classifier"`` (encoders) yourself.
+
+    The returned model keeps ``model``'s ``name_or_path`` (not the deleted temporary folder), which
+    PEFT writes into ``adapter_config.json``, and has
+    :func:`companion.qlora.keep_dequantize_kernel_on_cpu` applied: on a CPU it computes with
+    bitsandbytes' dequantize-then-matmul path in every mode, whatever the CPU supports.
     """
     from transformers import BitsAndBytesConfig
+
+    from .qlora import keep_dequantize_kernel_on_cpu
 
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                     bnb_4bit_use_double_quant=double_quant,
@@ -51,5 +58,7 @@ def load_in_4bit(model, *, double_quant: bool = True, quant_type: str = "nf4",
                                     llm_int8_skip_modules=skip_modules)
     with tempfile.TemporaryDirectory() as tmp:
         model.to(compute_dtype).save_pretrained(tmp)
-        return type(model).from_pretrained(tmp, quantization_config=bnb_config, dtype=compute_dtype,
-                                           device_map=device_map)
+        loaded = type(model).from_pretrained(tmp, quantization_config=bnb_config, dtype=compute_dtype,
+                                             device_map=device_map)
+    loaded.name_or_path = loaded.config._name_or_path = model.name_or_path
+    return keep_dequantize_kernel_on_cpu(loaded)

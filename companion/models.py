@@ -155,7 +155,11 @@ def load_hub_model(name: str, task: str = "causal-lm", **kwargs):
 
     ``task`` is ``"causal-lm"`` or ``"seq-cls"``; ``kwargs`` go to ``from_pretrained``
     (``quantization_config=BitsAndBytesConfig(...)``, ``dtype=``, ``device_map=``, ``num_labels=``).
+    A 4-bit model comes back with :func:`companion.qlora.keep_dequantize_kernel_on_cpu` applied, so it
+    computes the same way if it is moved to, or loaded on, a CPU.
     """
+    from .qlora import keep_dequantize_kernel_on_cpu
+
     loaders = {"causal-lm": AutoModelForCausalLM, "seq-cls": AutoModelForSequenceClassification}
     if task not in loaders:
         raise ValueError(f"task must be one of {sorted(loaders)}, got {task!r}")
@@ -171,4 +175,4 @@ def load_hub_model(name: str, task: str = "causal-lm", **kwargs):
                       "Gated models (Llama-2) also need `huggingface-cli login`.") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return keep_dequantize_kernel_on_cpu(model), tokenizer

@@ -39,3 +39,12 @@ def test_published_config_builds_the_transformers_config_and_refuses_unknown_nam
     assert set(PUBLISHED_CONFIGS) >= {"llama-7b", "llama-65b", "llama-2-70b"}
     with pytest.raises(ValueError, match="unknown model 'gpt-5'; published configs"):
         published_config("gpt-5")
+
+
+def test_load_in_4bit_names_the_result_after_the_model_it_quantized_not_its_deleted_temporary_folder():
+    # PEFT writes this name into adapter_config.json as base_model_name_or_path; load_adapter compares it
+    base = build_tiny_llama(seed=0)
+    base.name_or_path = base.config._name_or_path = "org/tiny-llama"
+    quantized = load_in_4bit(base)
+    assert quantized.name_or_path == quantized.config._name_or_path == "org/tiny-llama"
+    assert load_in_4bit(build_tiny_llama(seed=0)).name_or_path == ""  # built from a config: no name, as PEFT expects

@@ -1,9 +1,12 @@
 """The 4-bit pipeline helpers, checked against peft and bitsandbytes on a tiny Llama in 4 bit on a CPU."""
 
+import warnings
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import LlamaModel
 
 from companion.data import make_instruction_splits
 from companion.measure import load_in_4bit
@@ -15,14 +18,29 @@ LLAMA_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_pro
 
 
 def tiny_4bit(seed=0, **config):
-    base = build_tiny_llama(tiny_llama_config(**config), seed=seed)
-    return keep_dequantize_kernel_on_cpu(load_in_4bit(base, compute_dtype=torch.float32))
+    return load_in_4bit(build_tiny_llama(tiny_llama_config(**config), seed=seed), compute_dtype=torch.float32)
 
 
 def qlora_model(seed=0):
     model = prepare_model_for_kbit_training(tiny_4bit(seed), use_gradient_checkpointing=False)
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def trained_adapter(directory, base=None, targets=("q_proj", "v_proj")):
+    """A LoRA adapter with non-zero B (B = 0 at initialisation would make any load check vacuous), saved."""
+    model = get_peft_model(base if base is not None else build_tiny_llama(seed=0),
+                           LoraConfig(r=4, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    save_adapter(model, directory)
+    return model
+
+
+def companion_warnings(record):
+    return [str(w.message) for w in record if str(w.message).startswith("The adapter in")]
 
 
 def batch(seed=0):
@@ -83,11 +101,15 @@ def test_adapter_round_trip_through_safetensors_gives_the_same_outputs(tmp_path)
 
 
 def test_an_adapter_for_another_base_fails_with_the_library_error_and_a_hint(tmp_path):
-    save_adapter(qlora_model(), tmp_path)
+    trained = qlora_model()
+    trained.base_model.model.name_or_path = "org/tiny-llama-64"  # what PEFT writes as base_model_name_or_path
+    save_adapter(trained, tmp_path)
     wider = tiny_4bit(hidden_size=128, intermediate_size=352)
+    wider.name_or_path = "org/tiny-llama-128"
     with pytest.raises(ValueError, match="only loads onto the base model it was trained on") as err:
         load_adapter(wider, tmp_path)
     assert "size mismatch" in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    assert "org/tiny-llama-64" in str(err.value) and "org/tiny-llama-128" in str(err.value)
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_adapter(wider, tmp_path / "missing")
 
@@ -118,3 +140,72 @@ def test_generate_returns_one_completion_per_example_and_exact_match_counts_per_
     assert len(completions) == 6 and all(isinstance(c, str) and len(c) <= 5 for c in completions)
     table = exact_match_table(examples, [e.output for e in examples[:3]] + ["?"] * 3)
     assert table["all"] == 50.0 and set(table.index) == {"add", "uppercase", "all"}
+
+
+def test_an_adapter_whose_keys_match_no_layer_is_refused_naming_the_directory_the_classes_and_both_key_forms(tmp_path):
+    # /work/shared/cases/robustness/adapter_keys_match_nothing.py: a LlamaForCausalLM adapter on a LlamaModel;
+    # PEFT's load_state_dict(strict=False) loads nothing and only warns about missing keys
+    trained_adapter(tmp_path)
+    bare = LlamaModel(tiny_llama_config())
+    with pytest.raises(ValueError, match="loaded 0 of its 8 tensors onto this LlamaModel") as err:
+        load_adapter(bare, tmp_path)
+    message = str(err.value)
+    assert str(tmp_path) in message and "trained on LlamaForCausalLM" in message
+    assert "'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'" in message
+    assert "'base_model.model.layers.0.self_attn.q_proj.lora_A.weight'" in message
+    assert "the adapter has 'model.', the model ''" in message
+    assert not any("lora_" in name for name, _ in bare.named_modules())  # the base is left as it was
+    with pytest.raises(ValueError, match="loaded 0 of its 8 tensors"):
+        merge_adapter(LlamaModel(tiny_llama_config()), tmp_path)
+
+
+def test_an_adapter_for_a_deeper_model_warns_listing_the_stored_tensors_that_match_nothing(tmp_path):
+    # PEFT drops a stored tensor without a parameter silently (unexpected keys are not even warned about)
+    trained_adapter(tmp_path, base=build_tiny_llama(tiny_llama_config(num_hidden_layers=3), seed=0))
+    with pytest.warns(UserWarning, match="loaded 8 of its 12 adapter tensors") as record:
+        load_adapter(build_tiny_llama(seed=0), tmp_path)
+    (message,) = companion_warnings(record)
+    assert "4 stored tensors match no parameter" in message and "layers.2.self_attn.q_proj.lora_A.weight" in message
+
+
+def test_an_adapter_for_a_shallower_model_warns_listing_the_adapter_parameters_left_at_initialisation(tmp_path):
+    trained_adapter(tmp_path)
+    with pytest.warns(UserWarning, match="loaded 8 of its 8 adapter tensors") as record:
+        model = load_adapter(build_tiny_llama(tiny_llama_config(num_hidden_layers=3), seed=0), tmp_path)
+    (message,) = companion_warnings(record)
+    assert "4 adapter parameters got no stored tensor" in message and "layers.2.self_attn" in message
+    assert not any("Found missing adapter keys" in str(w.message) for w in record)  # PEFT's warning is replaced
+    assert float(model.base_model.model.model.layers[2].self_attn.q_proj.lora_B["default"].weight.abs().sum()) == 0
+
+
+def test_an_adapter_named_after_another_checkpoint_warns_naming_both_and_the_same_checkpoint_does_not(tmp_path):
+    base = build_tiny_llama(seed=0)
+    base.name_or_path = "org/tiny-llama-a"
+    trained_adapter(tmp_path, base=base)
+    other = build_tiny_llama(seed=1)
+    other.name_or_path = "org/tiny-llama-b"
+    with pytest.warns(UserWarning, match="loaded fully") as record:
+        load_adapter(other, tmp_path)
+    (message,) = companion_warnings(record)
+    assert "LlamaForCausalLM org/tiny-llama-a" in message and "LlamaForCausalLM org/tiny-llama-b" in message
+    same = build_tiny_llama(seed=0)
+    same.name_or_path = "org/tiny-llama-a"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load_adapter(same, tmp_path)
+    assert companion_warnings(record) == []
+
+
+def test_the_companion_4bit_round_trip_loads_every_adapter_tensor_without_a_warning(tmp_path):
+    model = qlora_model()
+    save_adapter(model, tmp_path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        load_adapter(tiny_4bit(), tmp_path)
+    assert companion_warnings(record) == []  # load_in_4bit keeps the base's name, not its temporary folder
+
+
+def test_save_adapter_refuses_a_model_without_an_adapter(tmp_path):
+    with pytest.raises(TypeError, match="save_adapter needs a peft model"):
+        save_adapter(build_tiny_llama(seed=0), tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing written, in particular not the whole base model

@@ -27,7 +27,7 @@ from ..data import (TensorDictDataset, encode_instructions, load_glue, make_inst
                     sentiment_dataloaders)
 from ..models import build_tiny_llama, char_tokenizer, load_hub_model, load_minilm_classifier, resolve_hub_name
 from ..profiles import Profile
-from ..qlora import bnb_4bit_config, exact_match_table, generate, keep_dequantize_kernel_on_cpu
+from ..qlora import bnb_4bit_config, exact_match_table, generate
 from ..train import classification_accuracy
 
 LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,10 +60,11 @@ class Task:
 
 
 def _to_4bit(model: nn.Module, compute_dtype: torch.dtype, skip_modules: list[str] | None = None) -> nn.Module:
-    """A model built in code, reloaded with NF4 + double-quantized weights (``ci`` profile stand-in for a hub load)."""
+    """A model built in code, reloaded with NF4 + double-quantized weights (``ci`` profile stand-in for a hub load);
+    ``load_in_4bit`` keeps bitsandbytes' CPU kernel the training-time one."""
     from ..measure import load_in_4bit
 
-    return keep_dequantize_kernel_on_cpu(load_in_4bit(model, compute_dtype=compute_dtype, skip_modules=skip_modules))
+    return load_in_4bit(model, compute_dtype=compute_dtype, skip_modules=skip_modules)
 
 
 def sentiment_task(profile: Profile, *, model: str = "deberta-v3-base", glue_task: str = "sst2",
