@@ -182,3 +182,60 @@ def test_bad_layer_arguments_raise_errors_that_name_the_fix():
         SVDLinear(torch.nn.Linear(2, 2), init_r=2, lora_alpha=4, lora_dropout=1.0)
     with pytest.raises(ValueError, match="inject_adalora"):
         adalora_layers(Toy())
+
+
+def companion_and_bnb_4bit_bases(seed=0):
+    """The companion's Linear4bit and bitsandbytes' holding the same codes of one float layer."""
+    import bitsandbytes as bnb
+
+    from companion.quant import Linear4bit
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(64, 32)
+    theirs = bnb.nn.Linear4bit(64, 32, compress_statistics=True, quant_type="nf4")
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu")  # bitsandbytes quantizes here
+    ours = Linear4bit.from_linear(linear)
+    assert torch.equal(ours.weight, theirs.weight.data)
+    return ours, theirs
+
+
+def test_the_companion_linear4bit_is_a_4bit_base_and_merging_into_it_is_refused():
+    """The case program: SVDLinear took the companion's Linear4bit for a float layer (quantized=False) and its
+    merge failed with a shape error inside the packed codes."""
+    from companion.quant import replace_linear
+
+    model = inject_adalora(replace_linear(torch.nn.Sequential(torch.nn.Linear(64, 32))), ["0"], init_r=4)
+    layer = model[0]
+    assert layer.quantized and "quantized=True" in repr(layer)
+    with torch.no_grad():
+        layer.lora_E.normal_()
+    codes, x = layer.base_layer.weight.detach().clone(), torch.randn(3, 64)
+    y = layer(x)
+    with pytest.raises(TypeError, match=r"merging into a 4-bit base \(companion\.quant\.linear4bit\.Linear4bit\)"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.base_layer.weight, codes) and torch.equal(layer(x), y)
+
+
+def test_over_the_companion_linear4bit_svdlinear_computes_what_peft_svdlinear4bit_computes_over_bitsandbytes():
+    from peft.tuners.adalora.bnb import SVDLinear4bit
+
+    ours_base, theirs_base = companion_and_bnb_4bit_bases()
+    theirs_model = torch.nn.Sequential(theirs_base)
+    theirs_model.is_loaded_in_4bit = True  # as transformers marks a bitsandbytes model
+    config = AdaLoraConfig(init_r=4, lora_alpha=8, target_modules=["0"], total_step=10)
+    reference = get_peft_model(theirs_model, config).base_model.model[0]
+    assert isinstance(reference, SVDLinear4bit)
+    ours = SVDLinear(ours_base, init_r=4, lora_alpha=8)
+    with torch.no_grad():
+        for part in ("lora_A", "lora_B"):
+            getattr(ours, part).copy_(getattr(reference, part)["default"])
+        ours.lora_E.normal_()
+        reference.lora_E["default"].copy_(ours.lora_E)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)  # bf16 in, float32 adapter: PEFT SVDLinear4bit's dtype handling
+    y_ref, y = reference(x), ours(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y_ref.float().sum().backward()
+    y.float().sum().backward()
+    for part in ("lora_A", "lora_B", "lora_E"):
+        assert torch.equal(getattr(ours, part).grad, getattr(reference, part)["default"].grad), part

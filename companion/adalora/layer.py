@@ -24,8 +24,10 @@ division by zero and keeps ``ranknum`` at ``init_r`` for the whole run, even aft
 masked: the first author reports that rescaling after pruning hurt (QingruZhang/AdaLoRA#12).
 So the effective scale is the constant ``alpha / init_r``, not ``alpha / current_rank``.
 
-The frozen base is an ``nn.Linear`` or a bitsandbytes ``Linear4bit`` (QLoRA + AdaLoRA; the
-adapter then computes in its own dtype and is cast back, as PEFT's ``SVDLinear4bit`` does).
+The frozen base is an ``nn.Linear`` or a 4-bit ``Linear4bit``, bitsandbytes' or the companion's
+(:class:`companion.quant.Linear4bit`) (QLoRA + AdaLoRA; the adapter then computes in its own dtype
+and is cast back, as PEFT's ``SVDLinear4bit`` does, and merging is refused, as PEFT has no merge
+for ``SVDLinear4bit`` either).
 """
 
 from __future__ import annotations
@@ -35,12 +37,17 @@ import sys
 import torch
 from torch import nn
 
+from ..quant.linear4bit import Linear4bit
+
 INIT_STD = 0.02  # PEFT AdaLoraLayer.reset_lora_parameters
 RANKNUM_EPS = 1e-5  # PEFT SVDLinear.forward: scaling / (ranknum + 1e-5)
 
 
 def is_linear4bit(module: nn.Module) -> bool:
-    """True for a bitsandbytes ``Linear4bit`` (without importing bitsandbytes when unused)."""
+    """True for a 4-bit base: bitsandbytes' ``Linear4bit`` (checked without importing bitsandbytes
+    when unused) or the companion's :class:`companion.quant.Linear4bit`."""
+    if isinstance(module, Linear4bit):
+        return True
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
@@ -52,7 +59,7 @@ class SVDLinear(nn.Module):
                  lora_dropout: float = 0.0):
         super().__init__()
         if not (isinstance(base_layer, nn.Linear) or is_linear4bit(base_layer)):
-            raise TypeError(f"SVDLinear wraps torch.nn.Linear or bitsandbytes.nn.Linear4bit, got "
+            raise TypeError(f"SVDLinear wraps torch.nn.Linear or a 4-bit Linear4bit, got "
                             f"{type(base_layer).__name__}; pick target_modules that are linear layers")
         if not isinstance(init_r, int) or init_r < 1:
             raise ValueError(f"init_r must be a positive integer, got {init_r!r}")
@@ -100,8 +107,10 @@ class SVDLinear(nn.Module):
     def merge(self) -> None:
         """Add Delta W into the base weight, so that forward costs one matmul."""
         if self.quantized:
-            raise TypeError("merging into a 4-bit base is not supported (PEFT's SVDLinear4bit does not "
-                            "merge either): dequantize the base to 16 bit first, or keep the adapter")
+            raise TypeError(f"merging into a 4-bit base ({type(self.base_layer).__module__}."
+                            f"{type(self.base_layer).__name__}) is not supported (PEFT's SVDLinear4bit does not "
+                            "merge either): wrap a 16-bit copy of the base with SVDLinear, copy the adapter "
+                            "(lora_A, lora_B, lora_E) into it and merge there, or keep the adapter unmerged")
         if not self.merged:
             self.base_layer.weight.data += self.delta_weight().detach()
             self.merged = True
