@@ -31,17 +31,31 @@ from transformers import TrainerCallback
 class TrainConfig:
     """Loop settings; the defaults are the ``ci`` profile's."""
 
-    max_steps: int = 100  # optimizer steps
+    max_steps: int = 100  # optimizer steps of the whole run
     grad_accum: int = 1  # micro-batches per optimizer step
     max_grad_norm: float | None = 1.0  # None: no clipping
     eval_every: int = 50  # optimizer steps between evaluations (0: only at the end)
     progress: bool = True
+    resume_from_step: int = 0  # steps done by an earlier call of the same run: this one starts after them
+    stop_after_step: int | None = None  # end this call early (the run goes on in a later call); None: max_steps
 
     def __post_init__(self):
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.grad_accum <= 0:
             raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
+        if not 0 <= self.resume_from_step < self.max_steps:
+            raise ValueError(f"resume_from_step must lie in [0, max_steps = {self.max_steps}), got "
+                             f"{self.resume_from_step}: max_steps counts the whole run, including the steps "
+                             "done before the resume")
+        if self.stop_after_step is not None and not self.resume_from_step < self.stop_after_step <= self.max_steps:
+            raise ValueError(f"stop_after_step must lie in (resume_from_step, max_steps] = ({self.resume_from_step}, "
+                             f"{self.max_steps}], got {self.stop_after_step}; max_steps stays the whole run's length")
+
+    @property
+    def last_step(self) -> int:
+        """The last step this call runs."""
+        return self.max_steps if self.stop_after_step is None else self.stop_after_step
 
 
 @dataclass
@@ -85,13 +99,29 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     and after the last one, in ``eval`` mode. ``step_context(step)`` may return a context manager
     that wraps that whole optimizer step, hooks included (e.g. :class:`companion.memtrack.PeakMemory`
     to measure one step's peak); ``None`` wraps nothing.
+
+    ``config.max_steps`` is the length of the whole run. One call may train only part of it: steps
+    ``resume_from_step + 1 .. stop_after_step`` (1-based optimizer steps, as ``Trainer``'s ``global_step``).
+    To continue a run, restore the model, optimizer, scheduler and hook state saved after step k and
+    pass ``resume_from_step=k``; the loader is not fast-forwarded, so give one that yields the batches
+    of steps k + 1 onwards (``Trainer`` skips them for you).
+
+    A hook whose object defines ``check_run(max_steps=, grad_accum=, resume_from_step=)`` (e.g.
+    :meth:`companion.adalora.RankAllocator.after_step`) is asked before the first step whether this
+    loop fits it; it raises ``ValueError`` otherwise (an AdaLoRA ``total_step`` counted in micro-batches,
+    an allocator that already ran). Wrap it in a plain function and nothing is checked.
     """
+    for hook in (after_backward, after_step):
+        check_run = getattr(getattr(hook, "__self__", None), "check_run", None)
+        if callable(check_run):
+            check_run(max_steps=config.max_steps, grad_accum=config.grad_accum,
+                      resume_from_step=config.resume_from_step)
     device = next(model.parameters()).device
     log = TrainLog()
     batches = iter(cycle(loader))
     model.train()
-    bar = tqdm(range(1, config.max_steps + 1), desc="train", disable=not config.progress,
-               mininterval=2.0, file=sys.stderr)
+    bar = tqdm(range(config.resume_from_step + 1, config.last_step + 1), desc="train",
+               disable=not config.progress, mininterval=2.0, file=sys.stderr)
     for step in bar:
         context = (step_context(step) if step_context is not None else None) or nullcontext()
         with context:
@@ -116,7 +146,7 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                           "seconds": time.perf_counter() - start,
                           "peak_memory_bytes": peak_memory_bytes(device)})
         bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
-        last = step == config.max_steps
+        last = step == config.last_step
         if evaluate is not None and (last or (config.eval_every and step % config.eval_every == 0)):
             model.eval()
             with torch.no_grad():
@@ -145,12 +175,18 @@ def classification_accuracy(model: torch.nn.Module, loader: Iterable) -> float:
 # ------------------------------------------------------------------ transformers.Trainer recipe
 def qlora_training_arguments(output_dir, *, max_steps: int, per_device_train_batch_size: int = 16,
                              gradient_accumulation_steps: int = 1, learning_rate: float = 2e-4,
-                             optim: str = "paged_adamw_8bit", lr_scheduler_type: str = "constant",
+                             optim: str = "paged_adamw_8bit", lr_scheduler_type: str = "constant_with_warmup",
                              warmup_steps: float = 0.03, max_grad_norm: float = 0.3, weight_decay: float = 0.0,
                              gradient_checkpointing: bool = False, compute_dtype: torch.dtype = torch.float32,
                              logging_steps: int = 10, seed: int = 0, shuffle: bool = True, **overrides):
     """``TrainingArguments`` for a QLoRA run, defaults from artidoro/qlora (``qlora.py``, Guanaco-7B script):
-    constant learning rate 2e-4 after 3% warm-up, gradient clipping at 0.3, no weight decay.
+    learning rate 2e-4, held constant after a linear warm-up over the first 3% of the steps, gradient
+    clipping at 0.3, no weight decay.
+
+    The warm-up needs ``lr_scheduler_type="constant_with_warmup"``: with ``"constant"`` transformers'
+    ``get_scheduler`` returns ``get_constant_schedule`` before it reads the warm-up, so the warm-up is
+    silently ignored (the QLoRA repository's own ``constant`` + ``warmup_ratio=0.03`` has that no-op).
+    A ``"constant"`` schedule with a non-zero ``warmup_steps`` is refused here for that reason.
 
     The paper's runs use ``optim="paged_adamw_32bit"``; ``"paged_adamw_8bit"`` keeps the two Adam states
     in 8 bit. transformers 5 names: ``warmup_steps`` takes a fraction (``warmup_ratio`` is gone) and
@@ -162,6 +198,10 @@ def qlora_training_arguments(output_dir, *, max_steps: int, per_device_train_bat
 
     if max_steps <= 0:
         raise ValueError(f"max_steps must be positive, got {max_steps}")
+    if lr_scheduler_type == "constant" and warmup_steps:
+        raise ValueError(f"lr_scheduler_type='constant' ignores warmup_steps={warmup_steps} (transformers' "
+                         "get_scheduler returns a constant schedule before reading the warm-up); use "
+                         "lr_scheduler_type='constant_with_warmup', or warmup_steps=0 for no warm-up")
     fields = dict(output_dir=str(output_dir), max_steps=max_steps,
                   per_device_train_batch_size=per_device_train_batch_size,
                   gradient_accumulation_steps=gradient_accumulation_steps, learning_rate=learning_rate,

@@ -76,7 +76,11 @@ def test_rank_grid_lays_ranks_out_like_the_papers_figure_3():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(target_r=4), ValueError, "target_r must be an integer between 1 and init_r = 3"),
+    (dict(target_r=4), ValueError, r"b\(T\) = 8 triplets exceeds the initial budget b\(0\) = 6: target_r must be "
+                                   "below init_r"),
+    (dict(target_r=3), ValueError, "target_r equals init_r .*PEFT 0.21.2 accepts .*use plain LoRA"),
+    (dict(target_r=0), ValueError, "target_r must be a positive integer below init_r"),
+    (dict(tinit=1.5), ValueError, "tinit and tfinal count steps and must be integers"),
     (dict(total_step=None), ValueError, "total_step is required"),
     (dict(tinit=5, tfinal=5, total_step=10), ValueError, "leaves no budgeting phase"),
     (dict(beta1=1.5), ValueError, "beta1 must lie strictly between 0 and 1"),

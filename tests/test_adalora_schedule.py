@@ -58,7 +58,9 @@ def test_the_schedule_is_continuous_at_both_ends_unlike_the_printed_eq_14():
     (dict(total_step=None), "total_step is required"),
     (dict(total_step=0), "positive integer"),
     (dict(tinit=60, tfinal=40), "leaves no budgeting phase"),
-    (dict(target_budget=13), "target_r must not exceed init_r"),
+    (dict(target_budget=13), "target_r must be below init_r"),
+    (dict(target_budget=12), r"target_r equals init_r \(target budget b\(T\) = initial budget b\(0\) = 12 "
+                             r"triplets\).*kthvalue.*LoraConfig\(r=target_r\).*raise init_r"),
     (dict(deltaT=0), "deltaT"),
     (dict(target_budget=0), "at least one triplet"),
 ])

@@ -98,11 +98,58 @@ def test_evaluation_runs_every_eval_every_steps_and_at_the_end():
     assert log.eval_frame()["step"].tolist() == [3, 6, 7]
 
 
+def test_a_run_split_over_two_calls_equals_the_straight_run_and_keeps_its_step_numbers():
+    data = separable_batches(10, 4)
+    torch.manual_seed(0)
+    a, b = Classifier(), Classifier()
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = torch.optim.Adam(a.parameters(), lr=0.1), torch.optim.Adam(b.parameters(), lr=0.1)
+    train(a, data, opt_a, TrainConfig(max_steps=5, grad_accum=2, eval_every=2, progress=False))
+    first = train(b, data, opt_b, TrainConfig(max_steps=5, grad_accum=2, stop_after_step=2, progress=False),
+                  evaluate=lambda m: {"x": 1.0})
+    second = train(b, data[4:], opt_b, TrainConfig(max_steps=5, grad_accum=2, resume_from_step=2, eval_every=2,
+                                                    progress=False), evaluate=lambda m: {"x": 1.0})
+    assert first.frame()["step"].tolist() == [1, 2] and first.eval_frame()["step"].tolist() == [2]
+    assert second.frame()["step"].tolist() == [3, 4, 5] and second.eval_frame()["step"].tolist() == [4, 5]
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_train_asks_a_hooks_object_whether_the_loop_fits_before_the_first_step():
+    class Schedule:
+        def __init__(self):
+            self.seen, self.steps = [], []
+
+        def check_run(self, **loop):
+            self.seen.append(loop)
+            if loop["max_steps"] != 3:
+                raise ValueError("total_step=3 does not match max_steps")
+
+        def after_step(self, step, model):
+            self.steps.append(step)
+
+    hook = Schedule()
+    model = Classifier()
+    before = model.linear.weight.detach().clone()
+    with pytest.raises(ValueError, match="total_step=3 does not match max_steps"):
+        train(model, separable_batches(2, 4), torch.optim.SGD(model.parameters(), lr=0.1),
+              TrainConfig(max_steps=4, grad_accum=2, progress=False), after_step=hook.after_step)
+    assert hook.seen == [dict(max_steps=4, grad_accum=2, resume_from_step=0)] and hook.steps == []
+    assert torch.equal(model.linear.weight, before)
+    train(model, separable_batches(2, 4), torch.optim.SGD(model.parameters(), lr=0.1),
+          TrainConfig(max_steps=3, resume_from_step=1, progress=False), after_step=hook.after_step)
+    assert hook.seen[-1] == dict(max_steps=3, grad_accum=1, resume_from_step=1) and hook.steps == [2, 3]
+
+
 def test_bad_loop_settings_are_refused():
     with pytest.raises(ValueError, match="max_steps must be positive"):
         TrainConfig(max_steps=0)
     with pytest.raises(ValueError, match="grad_accum must be positive"):
         TrainConfig(grad_accum=0)
+    with pytest.raises(ValueError, match=r"resume_from_step must lie in \[0, max_steps = 5\), got 5"):
+        TrainConfig(max_steps=5, resume_from_step=5)
+    with pytest.raises(ValueError, match=r"stop_after_step must lie in \(resume_from_step, max_steps\] = \(2, 5\]"):
+        TrainConfig(max_steps=5, resume_from_step=2, stop_after_step=2)
 
 
 # ------------------------------------------------------------------ the transformers.Trainer recipe
@@ -149,7 +196,7 @@ def test_paged_adamw_8bit_recipe_builds_bitsandbytes_paged_8bit_adamw_and_falls_
 
     args = qlora_training_arguments(tmp_path, max_steps=2, per_device_train_batch_size=8)
     assert (args.optim, args.lr_scheduler_type, args.max_grad_norm, args.warmup_steps) == \
-        ("paged_adamw_8bit", "constant", 0.3, 0.03)
+        ("paged_adamw_8bit", "constant_with_warmup", 0.3, 0.03)
     recorder = TrainerLog()
     trainer = Trainer(model=build_tiny_llama(seed=0), args=args, train_dataset=instruction_dataset(16),
                       callbacks=[recorder])

@@ -19,6 +19,12 @@ counting optimizer steps from 0. Masks are recomputed from the current scores at
 event, so a triplet masked earlier can come back, and between two mask events the optimizer
 may move a zeroed lambda again (the paper's "reactivation", §3.1).
 
+The allocator owns the run's facts: the schedule, the step counter :attr:`RankAllocator.step`, the
+rank pattern, the mask history and the scorer's EMAs. A call out of order (a step skipped, repeated or
+past ``total_step``) is refused; :meth:`RankAllocator.check_run` refuses a training loop whose length
+is not ``total_step``; :meth:`RankAllocator.state_dict` / :meth:`RankAllocator.load_state_dict` carry all
+of it through a checkpoint so a resumed run equals the straight one bit for bit.
+
 How triplets are scored is pluggable (``scorer=``): the default is the paper's
 (:class:`TripletImportance`); :mod:`.seed_variants` has the source tutorial's for the ablation.
 """
@@ -34,7 +40,7 @@ from torch import nn
 from .importance import BETA_DEFAULT, ImportanceTracker
 from .layer import SVDLinear, adalora_layers
 from .masking import mask_to_budget, triplet_score
-from .schedule import budget_schedule, check_schedule, phase
+from .schedule import budget_schedule, check_loop_length, check_schedule, phase
 
 PARTS = ("lora_A", "lora_B", "lora_E")  # Q, P, Lambda: PEFT's parameter order
 
@@ -47,6 +53,8 @@ class TripletScorer(Protocol):
     def triplet_scores(self, layers: dict[str, SVDLinear]) -> dict[str, torch.Tensor]: ...
 
     def reset(self) -> None: ...
+
+    # Optional, needed to checkpoint the allocator: state_dict() -> dict, load_state_dict(dict) -> None
 
 
 class TripletImportance:
@@ -77,28 +85,35 @@ class TripletImportance:
     def reset(self) -> None:
         self.tracker.reset()
 
+    def state_dict(self) -> dict:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tracker.load_state_dict(state)
+
 
 class RankAllocator:
     """AdaLoRA's allocation loop over a model's SVDLinear layers (PEFT ``RankAllocator`` + model logic).
 
     ``target_r`` is the *average* final rank: b(T) = ``target_r`` x number of layers, b(0) = the
-    sum of the layers' ``init_r``. Other arguments are PEFT ``AdaLoraConfig``'s, same meaning.
+    sum of the layers' ``init_r``; b(T) must be below b(0). Other arguments are PEFT ``AdaLoraConfig``'s,
+    same meaning; ``total_step`` counts optimizer steps.
     """
 
     def __init__(self, model: nn.Module, *, target_r: int = 8, tinit: int = 0, tfinal: int = 0, deltaT: int = 1,
                  total_step: int | None = None, beta1: float = BETA_DEFAULT, beta2: float = BETA_DEFAULT,
                  scorer: TripletScorer | None = None):
         self.layers = adalora_layers(model)
-        init_r = max(layer.init_r for layer in self.layers.values())
-        if not isinstance(target_r, int) or not 1 <= target_r <= init_r:
-            raise ValueError(f"target_r must be an integer between 1 and init_r = {init_r}, got {target_r!r}: "
-                             "AdaLoRA starts at init_r and only removes ranks")
+        if not isinstance(target_r, int) or isinstance(target_r, bool) or target_r < 1:
+            raise ValueError(f"target_r must be a positive integer below init_r (the average final rank), got "
+                             f"{target_r!r}")
         self.init_budget = sum(layer.init_r for layer in self.layers.values())
         self.target_budget = target_r * len(self.layers)
         self.tinit, self.tfinal, self.deltaT, self.total_step = tinit, tfinal, deltaT, total_step
         check_schedule(init_budget=self.init_budget, target_budget=self.target_budget, tinit=tinit,
                        tfinal=tfinal, total_step=total_step, deltaT=deltaT)
         self.scorer = scorer if scorer is not None else TripletImportance(beta1, beta2)
+        self.step = 0  # update_and_allocate calls done = the next global_step expected
         self.rank_pattern: dict[str, torch.Tensor] | None = None  # last mask, True = kept
         self.history: list[dict] = []  # one row per mask event
 
@@ -122,7 +137,20 @@ class RankAllocator:
                                             total_step=self.total_step), **ranks})
 
     def update_and_allocate(self, global_step: int) -> None:
-        """One allocation step; ``global_step`` counts optimizer steps from 0 (PEFT's convention)."""
+        """One allocation step; ``global_step`` counts optimizer steps from 0 (PEFT's convention).
+
+        Raises ``ValueError`` unless ``global_step`` is :attr:`step`, the next step of this run (PEFT
+        accepts any value and silently skips or repeats EMA updates), or when it reaches ``total_step``.
+        """
+        if global_step != self.step:
+            raise ValueError(f"update_and_allocate got global_step={global_step} but this allocator has done "
+                             f"{self.step} steps, so it expects global_step={self.step}: call it once per "
+                             "optimizer step, counting from 0; to resume a run, load_state_dict() the allocator "
+                             "state saved at that step first")
+        if global_step >= self.total_step:
+            raise ValueError(f"global_step={global_step} is past the schedule's total_step={self.total_step} "
+                             "(steps 0 .. total_step - 1): set total_step to the number of optimizer steps of the "
+                             "whole run")
         freeze_at = self.total_step - self.tfinal
         if global_step < freeze_at:
             self.scorer.update(self.layers)
@@ -134,10 +162,93 @@ class RankAllocator:
             self.scorer.reset()
         elif self.rank_pattern is not None:
             self._apply(self.rank_pattern)
+        self.step += 1
 
     def after_step(self, step: int, model: nn.Module | None = None) -> None:
         """Hook for :func:`companion.train.train` (``after_step=``), whose steps count from 1."""
         self.update_and_allocate(step - 1)
+
+    def check_run(self, *, max_steps: int, grad_accum: int = 1, resume_from_step: int = 0) -> None:
+        """Refuse a training loop that does not fit this schedule, before its first step.
+
+        The loop runs optimizer steps ``resume_from_step + 1 .. max_steps`` of ``grad_accum`` micro-batches
+        each; :func:`companion.train.train` and :class:`.callback.AdaLoraCallback` call this. ``max_steps``
+        must equal ``total_step`` and ``resume_from_step`` the steps this allocator has done.
+        """
+        check_loop_length(total_step=self.total_step, tfinal=self.tfinal, max_steps=max_steps,
+                          grad_accum=grad_accum)
+        if self.step == resume_from_step:
+            return
+        if resume_from_step == 0:
+            raise ValueError(f"this RankAllocator has already done {self.step} of its total_step={self.total_step} "
+                             "steps, but the training loop starts from step 0: to continue that run, resume it "
+                             f"(train(): TrainConfig(max_steps={self.total_step}, resume_from_step={self.step}); "
+                             "Trainer: resume_from_checkpoint); for a new run inject fresh adapters and build a "
+                             "new RankAllocator")
+        raise ValueError(f"the training loop resumes after step {resume_from_step} but this RankAllocator has done "
+                         f"{self.step} steps: load_state_dict() the allocator state saved with that checkpoint "
+                         "(a fresh allocator would restart the importance EMAs and the rank pattern)")
+
+    def _settings(self) -> dict:
+        return dict(init_budget=self.init_budget, target_budget=self.target_budget, tinit=self.tinit,
+                    tfinal=self.tfinal, deltaT=self.deltaT, total_step=self.total_step)
+
+    def _layer_shapes(self) -> dict[str, list[int]]:
+        return {n: [m.init_r, m.in_features, m.out_features] for n, m in self.layers.items()}
+
+    def check_checkpointable(self) -> None:
+        """Raise ``TypeError`` when the scorer cannot save and restore its statistics."""
+        if not all(callable(getattr(self.scorer, m, None)) for m in ("state_dict", "load_state_dict")):
+            raise TypeError(f"the scorer {type(self.scorer).__name__} has no state_dict()/load_state_dict(), so "
+                            "its statistics cannot be checkpointed and a resumed run would restart them: use the "
+                            "default TripletImportance scorer, or train without checkpoints")
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the model and optimizer: step, rank pattern, history,
+        the scorer's statistics (importance EMAs), and the settings and layers they belong to.
+
+        Plain tensors, numbers and strings: ``torch.save`` it and ``torch.load`` it with the default
+        ``weights_only=True``. Raises ``TypeError`` for a scorer without ``state_dict()``.
+        """
+        self.check_checkpointable()
+        pattern = None if self.rank_pattern is None else {n: k.clone() for n, k in self.rank_pattern.items()}
+        return {"step": self.step, "settings": self._settings(), "layers": self._layer_shapes(),
+                "rank_pattern": pattern, "history": [dict(row) for row in self.history],
+                "scorer": self.scorer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` into an allocator built with the same settings on the same layers.
+
+        Raises ``ValueError`` (and changes nothing) when the saved settings or layers differ.
+        """
+        self.check_checkpointable()
+        missing = [k for k in ("step", "settings", "layers", "rank_pattern", "history", "scorer") if k not in state]
+        if missing:
+            raise ValueError(f"not a RankAllocator state_dict: missing {missing}")
+        ours = self._settings()
+        diff = {k: (state["settings"].get(k), v) for k, v in ours.items() if state["settings"].get(k) != v}
+        if diff:
+            saved = ", ".join(f"{k}={s}" for k, (s, _) in diff.items())
+            here = ", ".join(f"{k}={v}" for k, (_, v) in diff.items())
+            raise ValueError(f"the saved allocator state was written with {saved} but this RankAllocator has {here}: "
+                             "build it with the checkpoint's target_r, tinit, tfinal, deltaT and total_step "
+                             "(a resumed run keeps its schedule)")
+        saved_layers, layers = state["layers"], self._layer_shapes()
+        if saved_layers != layers:
+            only_saved = sorted(set(saved_layers) - set(layers))[:3]
+            only_here = sorted(set(layers) - set(saved_layers))[:3]
+            changed = [n for n in set(layers) & set(saved_layers) if list(saved_layers[n]) != layers[n]][:3]
+            raise ValueError(f"the saved allocator state belongs to other adapters: only in the checkpoint "
+                             f"{only_saved}, only in this model {only_here}, different [init_r, in, out] "
+                             f"{changed}; inject_adalora with the checkpoint's target_modules and init_r")
+        if not 0 <= state["step"] <= self.total_step:
+            raise ValueError(f"saved step {state['step']} is outside [0, total_step={self.total_step}]")
+        self.scorer.load_state_dict(state["scorer"])
+        self.step = state["step"]
+        device = {n: m.lora_E.device for n, m in self.layers.items()}
+        self.rank_pattern = (None if state["rank_pattern"] is None
+                             else {n: k.to(device[n]).clone() for n, k in state["rank_pattern"].items()})
+        self.history = [dict(row) for row in state["history"]]
 
     def ranks(self) -> dict[str, int]:
         """Current rank of every layer: its number of non-zero lambda."""

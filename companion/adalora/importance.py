@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 BETA_DEFAULT = 0.85  # paper §4.1 ("default value"), PEFT AdaLoraConfig, the authors' scripts
+STATS = ("ipt", "exp_avg_ipt", "exp_avg_unc")  # PEFT RankAllocator's names
 
 
 def check_beta(name: str, value: float) -> float:
@@ -48,6 +49,24 @@ class ImportanceTracker:
 
     def __contains__(self, name: str) -> bool:
         return name in self.exp_avg_ipt
+
+    def state_dict(self) -> dict:
+        """The betas and copies of ``ipt``, ``exp_avg_ipt``, ``exp_avg_unc`` (PEFT's RankAllocator keeps
+        them in memory only, so a resumed PEFT run restarts them at zero)."""
+        return {"beta1": self.beta1, "beta2": self.beta2,
+                **{key: {n: t.clone() for n, t in getattr(self, key).items()} for key in STATS}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; refuse different betas (the EMAs would mean something else)."""
+        missing = [k for k in ("beta1", "beta2", *STATS) if k not in state]
+        if missing:
+            raise ValueError(f"not an ImportanceTracker state_dict: missing {missing}")
+        if (state["beta1"], state["beta2"]) != (self.beta1, self.beta2):
+            raise ValueError(f"the saved importance EMAs use beta1={state['beta1']}, beta2={state['beta2']} but "
+                             f"this tracker has beta1={self.beta1}, beta2={self.beta2}: build it with the saved "
+                             "betas to resume the run")
+        for key in STATS:
+            setattr(self, key, {n: t.clone() for n, t in state[key].items()})
 
     @torch.no_grad()
     def update(self, name: str, param: torch.Tensor, grad: torch.Tensor | None) -> None:
