@@ -26,6 +26,28 @@ import torch
 from tqdm import tqdm
 from transformers import TrainerCallback
 
+from .data import IGNORE_INDEX  # label positions the loss skips (torch CrossEntropyLoss, transformers)
+from .qlora import keep_dequantize_kernel_on_cpu
+
+
+LOSS_NORMALIZATIONS = ("items", "micro_batch")
+
+
+def loss_items(model: torch.nn.Module, labels: torch.Tensor) -> int:
+    """How many terms the mean in ``model(**batch).loss`` averages over, for one batch's ``labels``.
+
+    A causal LM predicts token t + 1 from position t, so its loss counts ``labels[..., 1:] != -100``
+    (transformers' ``ForCausalLMLoss``, and ``Trainer._get_num_items_in_batch``); any other model
+    counts ``labels != -100``: examples for a classifier, tokens for token classification.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel
+    shifts = (LOSS_MAPPING.get(getattr(base, "loss_type", None)) is ForCausalLMLoss
+              and not getattr(getattr(base, "config", None), "is_encoder_decoder", False))
+    counted = labels[..., 1:] if shifts else labels
+    return int(counted.ne(IGNORE_INDEX).sum())
+
 
 @dataclass
 class TrainConfig:
@@ -38,12 +60,15 @@ class TrainConfig:
     progress: bool = True
     resume_from_step: int = 0  # steps done by an earlier call of the same run: this one starts after them
     stop_after_step: int | None = None  # end this call early (the run goes on in a later call); None: max_steps
+    loss_normalization: str = "items"  # "items": as one large batch (see train()); "micro_batch": mean of means
 
     def __post_init__(self):
         if self.max_steps <= 0:
             raise ValueError(f"max_steps must be positive, got {self.max_steps}")
         if self.grad_accum <= 0:
             raise ValueError(f"grad_accum must be positive, got {self.grad_accum}")
+        if self.loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, got {self.loss_normalization!r}")
         if not 0 <= self.resume_from_step < self.max_steps:
             raise ValueError(f"resume_from_step must lie in [0, max_steps = {self.max_steps}), got "
                              f"{self.resume_from_step}: max_steps counts the whole run, including the steps "
@@ -85,6 +110,21 @@ def cycle(loader: Iterable) -> Iterable:
         yield from loader
 
 
+def _loss_weights(model, micro: list[dict], normalization: str, step: int) -> list[float]:
+    """Weight of each micro-batch's mean loss in one optimizer step (see :func:`train`)."""
+    for i, batch in enumerate(micro):
+        if "labels" not in batch:
+            raise ValueError(f"micro-batch {i} of step {step} has no 'labels' (keys: {sorted(batch)}); train() needs "
+                             "batches whose model(**batch).loss is the loss, e.g. from a collator that adds labels")
+    items = [loss_items(model, batch["labels"]) for batch in micro]
+    if sum(items) == 0:
+        raise ValueError(f"step {step}: none of its {len(micro)} micro-batch(es) has a label to predict (every label "
+                         f"is {IGNORE_INDEX}); the loss would be NaN. Check the collator's label masking")
+    if normalization == "micro_batch":
+        return [1.0 / len(micro) if n else 0.0 for n in items]
+    return [n / sum(items) for n in items]
+
+
 def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer,
           config: TrainConfig = TrainConfig(), *, scheduler=None,
           evaluate: Callable[[torch.nn.Module], dict] | None = None,
@@ -106,6 +146,16 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     pass ``resume_from_step=k``; the loader is not fast-forwarded, so give one that yields the batches
     of steps k + 1 onwards (``Trainer`` skips them for you).
 
+    Gradient accumulation: ``config.grad_accum`` micro-batches make one optimizer step. With
+    ``loss_normalization="items"`` (the default) micro-batch i's mean loss is weighted by n_i / sum_j n_j,
+    n = :func:`loss_items` (label tokens of a causal LM, examples of a classifier), so the step equals
+    one step on the concatenated batch, however unevenly the label tokens fall (transformers' ``Trainer``
+    does the same since v4.46 through ``num_items_in_batch``). ``"micro_batch"`` weights each micro-batch
+    1 / grad_accum, a mean of means, which differs whenever micro-batches hold different numbers of label
+    tokens (or a short last batch of an epoch falls into an accumulated step). The logged loss is the
+    weighted sum, the mean over the accumulated batch. An accumulated batch with no label to predict
+    raises ``ValueError``.
+
     A hook whose object defines ``check_run(max_steps=, grad_accum=, resume_from_step=)`` (e.g.
     :meth:`companion.adalora.RankAllocator.after_step`) is asked before the first step whether this
     loop fits it; it raises ``ValueError`` otherwise (an AdaLoRA ``total_step`` counted in micro-batches,
@@ -116,6 +166,7 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         if callable(check_run):
             check_run(max_steps=config.max_steps, grad_accum=config.grad_accum,
                       resume_from_step=config.resume_from_step)
+    keep_dequantize_kernel_on_cpu(model)  # evaluate() runs in eval mode: same 4-bit CPU kernel as training
     device = next(model.parameters()).device
     log = TrainLog()
     batches = iter(cycle(loader))
@@ -127,9 +178,12 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         with context:
             start = time.perf_counter()
             loss_sum = 0.0
-            for _ in range(config.grad_accum):
-                batch = {k: v.to(device) for k, v in next(batches).items()}
-                loss = model(**batch).loss / config.grad_accum
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            for batch, weight in zip(micro, _loss_weights(model, micro, config.loss_normalization, step)):
+                if weight == 0.0:  # no label to predict: its mean loss is NaN, its share of the sum is 0
+                    continue
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = model(**batch).loss * weight
                 loss.backward()
                 loss_sum += loss.item()
             if after_backward is not None:
@@ -159,7 +213,9 @@ def train(model: torch.nn.Module, loader: Iterable, optimizer: torch.optim.Optim
 
 @torch.no_grad()
 def classification_accuracy(model: torch.nn.Module, loader: Iterable) -> float:
-    """Share of examples whose arg-max logit equals ``labels``."""
+    """Share of examples whose arg-max logit equals ``labels``. A bitsandbytes 4-bit model on a CPU keeps
+    its training-time dequantize kernel (:func:`companion.qlora.keep_dequantize_kernel_on_cpu`)."""
+    keep_dequantize_kernel_on_cpu(model)
     device = next(model.parameters()).device
     correct = total = 0
     for batch in loader:

@@ -54,6 +54,90 @@ def test_gradient_accumulation_equals_one_big_batch():
         torch.testing.assert_close(p, q)
 
 
+def tiny_causal_lm(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+def uneven_label_batches():
+    """Four sequences; the first two keep 3 and 4 label tokens, the last two all 12 (robustness-2 case)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (4, 12), generator=g)
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    labels[1, 4:] = -100
+    return ids, labels
+
+
+def one_sgd_step(model, batches, config):
+    import copy
+
+    model = copy.deepcopy(model)
+    train(model, batches, torch.optim.SGD(model.parameters(), lr=1.0), config)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_gradient_accumulation_normalises_by_the_label_tokens_of_the_whole_accumulated_batch():
+    base = tiny_causal_lm()
+    ids, labels = uneven_label_batches()
+    split = [{"input_ids": ids[i:i + 2], "labels": labels[i:i + 2]} for i in (0, 2)]
+    common = dict(max_steps=1, max_grad_norm=None, eval_every=0, progress=False)
+    big = one_sgd_step(base, [{"input_ids": ids, "labels": labels}], TrainConfig(**common))
+    accumulated = one_sgd_step(base, split, TrainConfig(grad_accum=2, **common))
+    mean_of_means = one_sgd_step(base, split, TrainConfig(grad_accum=2, loss_normalization="micro_batch", **common))
+    start = torch.cat([p.detach().flatten() for p in base.parameters()])
+    update = (big - start).abs().max()
+    torch.testing.assert_close(accumulated, big, atol=1e-6 * float(update), rtol=0)
+    # the per-micro-batch mean is a different update here, by a large fraction of the update itself
+    assert (mean_of_means - big).abs().max() > 0.1 * update
+
+
+def test_a_short_last_batch_in_an_accumulated_step_weighs_by_its_examples():
+    big = separable_batches(1, 8)
+    short = [{k: v[:7] for k, v in big[0].items()}, {k: v[7:] for k, v in big[0].items()}]  # 7 + 1 examples
+    torch.manual_seed(0)
+    a, b = Classifier(), Classifier()
+    b.load_state_dict(a.state_dict())
+    train(a, big, torch.optim.SGD(a.parameters(), lr=0.1), TrainConfig(max_steps=1, progress=False))
+    train(b, short, torch.optim.SGD(b.parameters(), lr=0.1), TrainConfig(max_steps=1, grad_accum=2, progress=False))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_loss_items_counts_shifted_label_tokens_of_a_causal_lm_also_inside_peft_and_examples_of_a_classifier():
+    from peft import LoraConfig, get_peft_model
+
+    from companion.train import loss_items
+
+    _, labels = uneven_label_batches()  # rows keep 3, 4, 12, 12 labels; the shift drops position 0 of each row
+    model = tiny_causal_lm()
+    assert loss_items(model, labels) == 2 + 3 + 11 + 11
+    assert loss_items(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])), labels) == 27
+    assert loss_items(Classifier(), torch.tensor([0, 1, -100, 1])) == 3
+
+
+def test_a_micro_batch_with_no_label_to_predict_adds_nothing_and_an_empty_step_is_refused():
+    base = tiny_causal_lm()
+    ids, labels = uneven_label_batches()
+    masked = labels.clone()
+    masked[:2] = -100
+    common = dict(max_steps=1, max_grad_norm=None, eval_every=0, progress=False)
+    only_second = one_sgd_step(base, [{"input_ids": ids[2:], "labels": labels[2:]}], TrainConfig(**common))
+    with_empty = one_sgd_step(base, [{"input_ids": ids[:2], "labels": masked[:2]},
+                                     {"input_ids": ids[2:], "labels": labels[2:]}], TrainConfig(grad_accum=2, **common))
+    assert torch.isfinite(with_empty).all()
+    torch.testing.assert_close(with_empty, only_second)
+    with pytest.raises(ValueError, match="none of its 1 micro-batch.*has a label to predict"):
+        one_sgd_step(base, [{"input_ids": ids[:2], "labels": masked[:2]}], TrainConfig(**common))
+    with pytest.raises(ValueError, match="has no 'labels'"):
+        one_sgd_step(base, [{"input_ids": ids}], TrainConfig(**common))
+    with pytest.raises(ValueError, match="loss_normalization must be one of"):
+        TrainConfig(loss_normalization="tokens")
+
+
 def test_hooks_see_gradients_after_backward_and_after_the_optimizer_step():
     torch.manual_seed(0)
     model = Classifier()
@@ -185,6 +269,28 @@ def test_trainer_recipe_reproduces_the_loop_step_for_step(tmp_path):
                                atol=1e-5, rtol=0)  # the Trainer logs rounded float32 losses
     for p, q in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(p, q)
+
+
+def test_trainer_with_gradient_accumulation_normalises_like_the_loop(tmp_path):
+    """Both sides divide by the label tokens of the whole accumulated batch (Trainer: num_items_in_batch)."""
+    import copy
+
+    from transformers import Trainer
+
+    from companion.models import build_tiny_llama
+    from companion.train import qlora_training_arguments
+
+    data = instruction_dataset()  # answers of different lengths: micro-batches hold different label counts
+    ours = build_tiny_llama(seed=0)
+    theirs = copy.deepcopy(ours)
+    train(ours, torch.utils.data.DataLoader(data, batch_size=4, shuffle=False), torch.optim.SGD(ours.parameters(), lr=1.0),
+          TrainConfig(max_steps=2, grad_accum=4, max_grad_norm=None, progress=False))
+    args = qlora_training_arguments(tmp_path, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+                                    learning_rate=1.0, optim="sgd", warmup_steps=0, lr_scheduler_type="constant",
+                                    max_grad_norm=0.0, shuffle=False)
+    Trainer(model=theirs, args=args, train_dataset=data).train()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
 
 
 def test_paged_adamw_8bit_recipe_builds_bitsandbytes_paged_8bit_adamw_and_falls_back_on_cpu(tmp_path):
