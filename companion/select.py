@@ -23,6 +23,15 @@ the method also fits without it.
 1.5 times the final budget). AdaLoRA's memory is counted at ``init_r``: masking zeroes ``lora_E`` but never
 shrinks a tensor. An encoder's classification head is trained in addition (PEFT ``modules_to_save``).
 
+**Limits** (clamped, with a note in ``Recommendation.notes`` and a warning): a rank above ``min(out, in)`` of the
+smallest adapted matrix adds parameters but no rank (``rank(B A) <= min(out, in)``) and leaves AdaLoRA without
+``init_r`` orthonormal triplets (``companion.migrate.lora_to_adalora`` refuses it), so ``r`` and ``init_r`` are cut
+to it (``target_r`` to the largest value with ``ceil(1.5 * target_r)`` within it); and a rank whose footprint is
+not below full fine-tuning's is not parameter-efficient, so ranks are cut until every adapter method needs less
+memory than full fine-tuning (footprints are affine in the rank). Refused: a card below 1 GB or above
+``MAX_GPU_MEMORY_GB`` (no single accelerator; MB passed for GB), and a model so small that rank 1 already costs
+more than full fine-tuning.
+
 **Evidence** (:class:`Tradeoffs`, replaceable by measurements with :meth:`Tradeoffs.from_results`):
 
 - AdaLoRA gains 0.97 accuracy points over LoRA at about the same budget: GLUE average 89.31 (1.27M parameters)
@@ -39,11 +48,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
+import warnings
 from dataclasses import dataclass
 
-from .memory import DECODERS, ENCODERS, PUBLISHED_CONFIGS, footprint, gb
+from .memory import DECODERS, ENCODERS, PUBLISHED_CONFIGS, _modules, footprint, gb
 
 USABLE_FRACTION = 0.9  # CUDA context + allocator fragmentation, not counted by footprint
+MIN_GPU_MEMORY_GB, MAX_GPU_MEMORY_GB = 1, 1024  # one accelerator; the largest hold 288 GB (B300, MI355X) in 2025
 PRIORITIES = ("accuracy", "memory", "speed")
 LEAF_LABELS = {"lora": "LoRA (16-bit)", "adalora": "AdaLoRA (16-bit)", "qlora": "QLoRA (NF4 + DQ)",
                "qlora-adalora": "QLoRA + AdaLoRA", "none": "Nothing fits on one card"}
@@ -82,6 +94,18 @@ class Tradeoffs:
     qlora_accuracy_gain: float = 53.1 - 53.0  # points, QLoRA Table 4, MMLU mean, NF4 + DQ vs BF16
     qlora_time_ratio: float | None = None  # not reported by the QLoRA paper
     source: str = "AdaLoRA paper Table 1 (GLUE, DeBERTaV3-base) and App. H Table 15; QLoRA paper Table 4 (MMLU)"
+
+    def __post_init__(self):
+        for name in ("adalora_accuracy_gain", "qlora_accuracy_gain"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number of accuracy points, got {value!r}")
+        for name in ("adalora_time_ratio", "qlora_time_ratio"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{name} must be a positive finite ratio of times, or None when not measured, "
+                                 f"got {value!r}")
 
     @classmethod
     def from_results(cls, frame, accuracy: str = "accuracy") -> Tradeoffs:
@@ -124,6 +148,7 @@ class Recommendation:
     footprint_gb: dict[str, float]  # total GB of every method, with gradient checkpointing
     config: dict  # settings to start from; {} when nothing fits
     alternatives: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # what was clamped, and why (ranks beyond the matrices or beyond full fine-tuning)
 
     def __str__(self) -> str:
         lines = [f"Recommendation: {LEAF_LABELS[self.method]}", "Why:"]
@@ -133,6 +158,7 @@ class Recommendation:
         if self.config:
             lines.append("Start from: " + ", ".join(f"{k}={v!r}" for k, v in self.config.items()))
         lines += [f"Alternative: {a}" for a in self.alternatives]
+        lines += [f"Note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -166,18 +192,25 @@ def _leaf_id(method: str) -> str:
     return "L_" + method.replace("-", "_")
 
 
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value > 0
+
+
 def _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget) -> None:
-    if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, (int, float)) \
+    if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, numbers.Real) \
             or not math.isfinite(gpu_memory_gb) or gpu_memory_gb <= 0:
         raise ValueError(f"gpu_memory_gb must be a positive number of GB (e.g. 24 for an RTX 4090), "
                          f"got {gpu_memory_gb!r}")
+    if not MIN_GPU_MEMORY_GB <= gpu_memory_gb <= MAX_GPU_MEMORY_GB:
+        raise ValueError(f"gpu_memory_gb={gpu_memory_gb:g} is outside [{MIN_GPU_MEMORY_GB}, {MAX_GPU_MEMORY_GB}] GB, "
+                         "the memory of one accelerator (the largest hold 288 GB); pass one card's memory in GB "
+                         "(24, not 24576 MB), and for several cards the memory of one")
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}; choose one of {PRIORITIES}")
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not _positive_int(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if trainable_budget is not None and (isinstance(trainable_budget, bool) or not isinstance(trainable_budget, int)
-                                         or trainable_budget <= 0):
+    if trainable_budget is not None and not _positive_int(trainable_budget):
         raise ValueError(f"trainable_budget must be a positive integer number of adapter parameters or None "
                          f"(PEFT defaults: r=8, init_r=12, target_r=8), got {trainable_budget!r}")
 
@@ -244,6 +277,63 @@ def _ranks(cfg: dict, trainable_budget: int | None) -> dict:
     return {"r": trainable_budget // per_rank, "init_r": math.ceil(1.5 * target_r), "target_r": target_r}
 
 
+def _smallest_adapted(cfg: dict) -> tuple[str, int, int]:
+    """(name, out, in) of the adapted matrix with the smallest min(out, in) under ``target_modules="all-linear"``
+    (every Linear but the head, as ``footprint`` counts them)."""
+    head = "causal-lm" if cfg["model_type"] in DECODERS else "seq-cls"
+    linears = [m for m in _modules(cfg, head) if m.kind == "linear"
+               and m.name.split(".")[0] not in ("lm_head", "score", "classifier")]
+    m = min(linears, key=lambda m: min(m.out, m.in_))
+    return m.name.rsplit(".", 1)[-1], m.out, m.in_
+
+
+def _sized(cfg, ranks, trainable_budget, seq_len, batch_size) -> tuple[dict, dict, dict, list[str]]:
+    """(ranks, settings, total bytes per method, notes): the ranks clamped to what the matrices and the memory of
+    full fine-tuning allow (module docstring), the settings and totals at those ranks."""
+    name, out, in_ = _smallest_adapted(cfg)
+    full = footprint(cfg, "full", batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=True)
+    ranks, notes = dict(ranks), []
+    if trainable_budget is not None and trainable_budget >= full.total_params:
+        notes.append(f"trainable_budget={trainable_budget:,} is at least the model's own {full.total_params:,} "
+                     "parameters: an adapter cannot use it, and full fine-tuning trains fewer parameters")
+
+    def clamp(key: str, limit: int, why: str) -> None:
+        if key == "r" and ranks["r"] > limit:
+            notes.append(f"LoRA r={ranks['r']} clamped to {why}.")
+            ranks["r"] = limit
+        elif key == "init_r" and ranks["init_r"] > limit:
+            target_r = max(1, 2 * limit // 3)  # the largest target_r with ceil(1.5 * target_r) <= limit
+            init_r = min(limit, math.ceil(1.5 * target_r))
+            notes.append(f"AdaLoRA init_r={ranks['init_r']}, target_r={ranks['target_r']} clamped to init_r={init_r}, "
+                         f"target_r={target_r}: init_r is at most {why}.")
+            ranks.update(init_r=init_r, target_r=target_r)
+
+    for key in ("r", "init_r"):
+        clamp(key, min(out, in_), f"min(out, in) = {min(out, in_)} of the smallest adapted matrix, {name} ({out} x "
+                                  f"{in_}): a larger rank adds parameters but no rank")
+    methods = {"r": ("lora", "qlora"), "init_r": ("adalora", "qlora-adalora")}
+    settings = {m: _settings(cfg, m, ranks) for m in ("lora", "adalora", "qlora", "qlora-adalora")}
+    total = {m: _total(cfg, m, settings[m], seq_len, batch_size, True) for m in settings}
+    for key, pair in methods.items():
+        if all(total[m] < full.total_bytes for m in pair):
+            continue
+        limit = ranks[key]
+        for m in pair:  # footprints are affine in the rank: the largest rank below full fine-tuning's total
+            one = _total(cfg, m, settings[m] | {key: 1}, seq_len, batch_size, True)
+            step = _total(cfg, m, settings[m] | {key: 2}, seq_len, batch_size, True) - one
+            if one >= full.total_bytes:
+                raise ValueError(f"{LEAF_LABELS[m]} at rank 1 on every Linear already needs {one:,} bytes, not less "
+                                 f"than full fine-tuning's {full.total_bytes:,}: this model is too small for an adapter "
+                                 "to save memory; fine-tune it fully (companion.memory.footprint(model, 'full'))")
+            limit = min(limit, 1 + (full.total_bytes - 1 - one) // step)
+        clamp(key, limit, f"{limit}, the largest rank at which {' and '.join(LEAF_LABELS[m] for m in pair)} need "
+                          f"less memory than full fine-tuning ({gb(full.total_bytes)})")
+        for m in pair:
+            settings[m] = _settings(cfg, m, ranks)
+            total[m] = _total(cfg, m, settings[m], seq_len, batch_size, True)
+    return ranks, settings, {"full": full.total_bytes, **total}, notes
+
+
 def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, priority: str = "accuracy",
               seq_len: int = 512, batch_size: int = 1, tradeoffs: Tradeoffs | None = None) -> Recommendation:
     """The method to fine-tune ``model`` with on one card of ``gpu_memory_gb`` GB (rules: module docstring)."""
@@ -252,9 +342,11 @@ def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, prio
     _check_seq_len(cfg, name, seq_len)
     t = tradeoffs or Tradeoffs()
     usable = USABLE_FRACTION * gpu_memory_gb * 1e9
-    ranks = _ranks(cfg, trainable_budget)
-    settings = {m: _settings(cfg, m, ranks) for m in ("lora", "adalora", "qlora", "qlora-adalora")}
-    total = {m: _total(cfg, m, settings.get(m), seq_len, batch_size, True) for m in ("full", *settings)}
+    seq_len, batch_size = int(seq_len), int(batch_size)
+    trainable_budget = None if trainable_budget is None else int(trainable_budget)
+    ranks, settings, total, notes = _sized(cfg, _ranks(cfg, trainable_budget), trainable_budget, seq_len, batch_size)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     fits = {m: total[m] <= usable for m in settings}
     gains = t.adalora_accuracy_gain > 0
     facts = {"lora_fits": fits["lora"], "priority": priority, "qlora_fits": fits["qlora"],
@@ -268,27 +360,35 @@ def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, prio
     gain = f"{t.adalora_accuracy_gain:+.2f} accuracy points over LoRA at the same budget ({t.source})"
     time = (f"{t.adalora_time_ratio:.3f}x LoRA's training time" if t.adalora_time_ratio else "time not reported")
     qtime = f"{t.qlora_time_ratio:.3f}x LoRA's time per step" if t.qlora_time_ratio else "time per step not reported"
+    # LoRA's step is a subset of both others' work; a measured ratio below 1 is noise or another bottleneck
+    noise = (" (a measured ratio below 1 is noise or another bottleneck, not less work)"
+             if min(t.adalora_time_ratio or 2, t.qlora_time_ratio or 2) < 1 else "")
+    smaller = total["qlora"] <= total["qlora-adalora"]
     say = {
         "N1": f"LoRA (r={ranks['r']}) on the 16-bit {name} needs {gb(total['lora'])} with gradient "
               f"checkpointing and {gb(usable)} are usable on this {gpu_memory_gb:g} GB card "
               f"({USABLE_FRACTION:.0%}), so it {'fits' if fits['lora'] else 'does not fit'}; full fine-tuning "
-              f"({gb(total['full'])}) is never needed, PEFT matches it (AdaLoRA paper Table 1: AdaLoRA 89.31 "
+              f"({gb(total['full'])}, more than every adapter method here) is never needed, PEFT matches it "
+              "(AdaLoRA paper Table 1: AdaLoRA 89.31 "
               "vs full 88.09; QLoRA paper Table 3: LoRA 88.8 vs full 88.6).",
         "N2": f"The priority is {priority}: "
               + {"accuracy": "check whether AdaLoRA's budget allocation can be afforded.",
-                 "speed": f"16-bit LoRA avoids AdaLoRA's extra work ({time}) and QLoRA's dequantization "
-                          f"of every weight ({qtime}).",
+                 "speed": f"16-bit LoRA does a subset of the others' work per step: AdaLoRA adds lora_E, the "
+                          f"orthogonality regulariser and importance scores ({time}), QLoRA dequantizes every "
+                          f"weight ({qtime}){noise}.",
                  "memory": f"QLoRA needs {gb(total['qlora'])} instead of {gb(total['lora'])}, at "
                            f"{t.qlora_accuracy_gain:+.2f} accuracy points ({t.source})."}[priority],
         "N3": f"AdaLoRA (init_r={ranks['init_r']}, target_r={ranks['target_r']}) needs {need('adalora')} and "
-              f"gains {gain}, at {time}.",
+              f"changes accuracy by {gain}, at {time}.",
         "N4": f"QLoRA (NF4 + double quantization, r={ranks['r']}) needs {need('qlora')}; it changes accuracy by "
               f"{t.qlora_accuracy_gain:+.2f} points against 16-bit LoRA, {qtime} ({t.source}).",
         "N5": f"The priority is {priority}: "
               + ("check whether AdaLoRA fits on the 4-bit base too." if priority == "accuracy" else
-                 f"plain QLoRA is the smallest and fastest 4-bit choice (AdaLoRA: {time})."),
+                 f"plain QLoRA ({gb(total['qlora'])}) does less work per step than QLoRA + AdaLoRA "
+                 f"({gb(total['qlora-adalora'])}{', which needs more memory' if smaller else ''}; AdaLoRA: "
+                 f"{time}{noise})."),
         "N6": f"QLoRA + AdaLoRA (init_r={ranks['init_r']}, target_r={ranks['target_r']}) needs "
-              f"{need('qlora-adalora')} and gains {gain}.",
+              f"{need('qlora-adalora')} and changes accuracy by {gain}.",
     }
     reasons = tuple(say[node] for node, _ in path)
     if method == "none":
@@ -299,7 +399,7 @@ def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, prio
         alternatives = tuple(f"{LEAF_LABELS[m]} also fits: {gb(total[m])}" for m in settings
                              if fits[m] and m != method)
     return Recommendation(method, reasons, path, facts, {m: v / 1e9 for m, v in total.items()}, config,
-                          alternatives)
+                          alternatives, tuple(notes))
 
 
 def _elsewhere(cfg: dict, qlora_bytes: int, usable: float, seq_len: int, batch_size: int) -> tuple[str, ...]:
@@ -316,7 +416,9 @@ def _elsewhere(cfg: dict, qlora_bytes: int, usable: float, seq_len: int, batch_s
                 fitting.append((footprint(other, "full").total_params, other, report_total))
     largest = (f"The largest published model whose QLoRA (r={DEFAULT_R}) fits this card is {max(fitting)[1]} "
                f"({gb(max(fitting)[2])})." if fitting else "No published model of this kind fits this card in QLoRA.")
-    return (f"QLoRA needs {gb(qlora_bytes)}: a single card of at least {card:g} GB holds it.",
+    single = (f"a single card of at least {card:g} GB holds it." if card <= MAX_GPU_MEMORY_GB else
+              f"more than any single card holds ({card:g} GB would be needed).")
+    return (f"QLoRA needs {gb(qlora_bytes)}: {single}",
             f"On cards of this size, device_map='auto' would split it over {cards} cards "
             "(naive model parallelism: one card computes at a time).",
             largest)

@@ -1,12 +1,16 @@
 """LoRA/QLoRA -> AdaLoRA: the tutorial's strict=False load moves nothing; lora_to_adalora moves the update exactly."""
 
+import copy
+
 import pytest
 import torch
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from tiny_models import tiny_bert
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from companion.migrate import adalora_delta_weight, lora_delta_weight, lora_to_adalora, seed_transfer
+from companion.migrate import (adalora_delta_weight, default_tolerance, lora_delta_weight, lora_to_adalora,
+                               seed_transfer)
 
 TARGETS = ["query", "value", "dense"]
 
@@ -58,6 +62,8 @@ def test_the_tutorials_strict_false_load_transfers_no_adapter_weight():
     assert set(lora_keys) <= set(report.unexpected_keys) and set(report.missing_adapter_keys) == set(adalora_keys)
     assert all(torch.equal(p, before[n]) for n, p in adapter_state(adalora).items())
     assert "loaded: 0" in str(report)
+    # the result, not a key count: every adapted layer still computes W x, LoRA's computes W x + s B A x
+    assert report.max_layer_output_diff > 0.01 and f"{report.max_layer_output_diff:.3g}" in str(report)
     # What does load by name: the base weights and the trained head (modules_to_save), nothing else.
     head = lora.base_model.model.classifier.modules_to_save["default"]
     base = tiny_bert().eval()
@@ -85,6 +91,13 @@ def test_migrated_adalora_merges_to_the_lora_weights_and_gives_the_same_outputs(
     out_lora, out_adalora = logits(lora, ids), logits(adalora, ids)
     # fp32 adapters: only the summation order differs, so ~1e-6 of the output's size
     assert torch.allclose(out_adalora, out_lora, rtol=0, atol=1e-6 * float(out_lora.abs().max()))
+    # the report's own output check: every layer and the head on probes, within 1e-4 of max |output| in fp32
+    assert table["max abs output diff"].notna().all() and (table["max abs output diff"] <= table["allowed output diff"]).all()
+    for name in layers["name"]:  # the layers really agree on inputs the report did not choose
+        module, twin = (m.base_model.model.get_submodule(name) for m in (lora, adalora))
+        x = torch.randn(5, module.in_features, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            assert torch.allclose(twin(x), module(x), rtol=0, atol=1e-6 * float(module(x).abs().max())), name
     merged_lora, merged_adalora = lora.merge_and_unload().state_dict(), adalora.merge_and_unload().state_dict()
     assert merged_lora.keys() == merged_adalora.keys()
     for key, weight in merged_lora.items():  # W0 + Delta in fp32: within 1e-6 of the weight's magnitude
@@ -226,3 +239,239 @@ def test_an_adalora_model_is_not_accepted_as_the_lora_source():
 def test_lora_delta_weight_is_peft_get_delta_weight():
     layers = lora_layers(trained_lora())
     assert layers and all(torch.equal(lora_delta_weight(m), m.get_delta_weight("default")) for m in layers)
+
+
+class TwoLinear(nn.Module):
+    """The case programs' model (robustness-2/migrate_*.py), with an embedding and a conv to target too."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.conv = nn.Embedding(10, 16), nn.Conv2d(2, 4, 3)
+        self.lin0, self.lin1 = nn.Linear(16, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+def two_linear(seed=0):
+    torch.manual_seed(seed)
+    return TwoLinear()
+
+
+def as_trained(model, std=0.3):
+    """Every adapter tensor random (lora_B's bias too, with lora_bias=True), as after training."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, std)
+    return model
+
+
+def small_lora(targets=("lin0", "lin1"), base=None, adapter_name="default", **config):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **config)
+    return as_trained(get_peft_model(base if base is not None else two_linear(), config, adapter_name=adapter_name))
+
+
+def small_adalora(targets=("lin0", "lin1"), base=None, adapter_name="default", **config):
+    config = AdaLoraConfig(init_r=6, lora_alpha=8, target_modules=list(targets), total_step=10, **config)
+    return get_peft_model(base if base is not None else two_linear(), config, adapter_name=adapter_name)
+
+
+def outputs(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+X = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+
+
+def test_lora_bias_is_refused_because_adalora_has_no_bias_and_the_outputs_would_differ():
+    # robustness-2/migrate_lora_bias.py: the updates agreed to 1e-7, the outputs differed by 1.53
+    lora, adalora = small_lora(lora_bias=True), small_adalora()
+    lin0 = lora.base_model.model.lin0
+    assert lin0.lora_B["default"].bias.abs().max() > 0.1  # the trained bias that AdaLoRA cannot hold
+    before = adapter_state(adalora)
+    with pytest.raises(ValueError, match=r"layer 'lin0': lora_bias=True .* no bias.*lora_bias=False"):
+        lora_to_adalora(lora, adalora)
+    assert all(torch.equal(p, before[n]) for n, p in adapter_state(adalora).items())
+
+
+def test_a_base_rewritten_by_pissa_is_refused_and_the_lora_models_own_base_migrates_exactly():
+    # robustness-2/migrate_changed_base.py: PiSSA keeps W - s B A as the LoRA model's base weight
+    lora = small_lora(init_lora_weights="pissa")
+    with pytest.raises(ValueError, match=r"base weights differ in 2 tensor\(s\) \(lin0.weight by .*"
+                                         r"init_lora_weights='pissa' rewrote.*unload\(\)"):
+        lora_to_adalora(lora, small_adalora())
+    adalora = small_adalora(base=copy.deepcopy(lora).unload())  # the fix the message gives
+    table = lora_to_adalora(lora, adalora, inputs=X)
+    assert table["kind"].tolist() == ["lora", "lora", "model"]
+    out = outputs(lora, X)
+    assert torch.allclose(outputs(adalora, X), out, rtol=0, atol=1e-6 * float(out.abs().max()))
+
+
+def test_base_biases_trained_with_bias_all_are_refused_by_name():
+    lora = small_lora(bias="all")
+    with torch.no_grad():
+        lora.base_model.model.lin1.base_layer.bias.add_(0.5)  # a trained base bias
+    with pytest.raises(ValueError, match=r"lin1.bias by 0.5.*bias='all' trained the LoRA model's base biases"):
+        lora_to_adalora(lora, small_adalora())
+
+
+def other_adapter_active():
+    lora = small_lora()
+    lora.add_adapter("other", LoraConfig(r=4, target_modules=["lin0", "lin1"]))
+    lora.set_adapter("other")
+    return lora
+
+
+def merged():
+    lora = small_lora()
+    lora.merge_adapter()
+    return lora
+
+
+UNCARRIABLE = {  # what a LoRA model can hold that an AdaLoRA adapter cannot: (LoRA model, AdaLoRA targets, message)
+    "DoRA": (lambda: small_lora(use_dora=True), ("lin0", "lin1"), r"DoraLinearVariant, e.g. use_dora=True"),
+    "Embedding": (lambda: small_lora(("emb", "lin0")), ("lin0",), r"layer 'emb': LoRA layer type lora.Embedding"),
+    "Conv2d": (lambda: small_lora(("conv", "lin0")), ("conv", "lin0"), r"layer 'conv': LoRA layer type lora.Conv2d"),
+    "trainable tokens": (lambda: small_lora(("lin0",), trainable_token_indices={"emb": [1, 2]}), ("lin0",),
+                         r"embedding rows of \['emb'\] \(trainable_token_indices\)"),
+    "other adapter active": (other_adapter_active, ("lin0", "lin1"), r"\['default', 'other'\] with \['other'\] active"),
+    "adapter name": (lambda: small_lora(adapter_name="stage1"), ("lin0", "lin1"), r"\['stage1'\] .* adapter_name="),
+    "merged": (merged, ("lin0", "lin1"), r"merged into its base weights; unmerge it"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNCARRIABLE))
+def test_features_the_adalora_model_cannot_carry_are_refused_by_name_and_change_nothing(case):
+    build, targets, message = UNCARRIABLE[case]
+    lora, adalora = build(), small_adalora(targets)
+    before = {n: p.detach().clone() for n, p in adalora.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        lora_to_adalora(lora, adalora)
+    assert all(torch.equal(p, before[n]) for n, p in adalora.state_dict().items())
+
+
+def test_adapters_with_another_name_migrate_when_both_models_use_it():
+    lora, adalora = small_lora(adapter_name="stage1"), small_adalora(adapter_name="stage1")
+    table = lora_to_adalora(lora, adalora, adapter_name="stage1", inputs=X)
+    assert (table["max abs output diff"] <= table["allowed output diff"]).all()
+    assert torch.allclose(outputs(adalora, X), outputs(lora, X), rtol=0, atol=1e-5)
+
+
+def test_outputs_that_still_differ_after_migration_restore_the_adalora_model_and_raise():
+    lora = small_lora()
+    lora.base_model.disable_adapter_layers()  # the LoRA model computes W x: nothing a config check sees
+    adalora = small_adalora()
+    before = {n: p.detach().clone() for n, p in adalora.state_dict().items()}
+    with pytest.raises(ValueError, match=r"outputs differ: lin0 by [\d.]+ \(allowed .*adalora_model was restored"):
+        lora_to_adalora(lora, adalora)
+    assert all(torch.equal(p, before[n]) for n, p in adalora.state_dict().items())
+
+
+def test_the_stated_tolerance_is_enforced_relative_to_the_output_size():
+    with pytest.raises(ValueError, match="outputs differ"):  # below float32 rounding of the two sums
+        lora_to_adalora(small_lora(), small_adalora(), tolerance=1e-12)
+    default = lora_to_adalora(small_lora(), small_adalora())
+    loose = lora_to_adalora(small_lora(), small_adalora(), tolerance=1e-3)
+    assert default_tolerance(torch.float32) == 1e-4
+    assert loose["allowed output diff"].tolist() == pytest.approx((10 * default["allowed output diff"]).tolist())
+
+
+def test_lora_dropout_only_warns_because_it_acts_in_training_only():
+    with pytest.warns(UserWarning, match=r"lora_dropout is 0.1 in the LoRA model and 0.0 .* only changes the second"):
+        table = lora_to_adalora(small_lora(lora_dropout=0.1), small_adalora())
+    assert (table["max abs output diff"] <= table["allowed output diff"]).all()
+
+
+def test_gpt2_conv1d_layers_with_fan_in_fan_out_migrate_and_the_whole_models_agree():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                      bos_token_id=0, eos_token_id=0))
+    targets = ["c_attn", "c_fc"]
+    lora = as_trained(get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                      fan_in_fan_out=True)))
+    adalora = get_peft_model(copy.deepcopy(base), AdaLoraConfig(init_r=6, lora_alpha=8, target_modules=targets,
+                                                                total_step=10, fan_in_fan_out=True))
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    table = lora_to_adalora(lora, adalora, inputs={"input_ids": ids})
+    assert table["kind"].tolist() == ["lora"] * 4 + ["model"]
+    out = logits(lora, ids)
+    assert not torch.allclose(out, logits(base, ids), atol=1e-3)  # the adapter matters
+    assert torch.allclose(logits(adalora, ids), out, rtol=0, atol=1e-6 * float(out.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_bases_migrate_within_the_default_tolerance_of_their_dtype(dtype):
+    base = tiny_bert().to(dtype)
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=TARGETS))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    adalora = fresh_adalora(base=copy.deepcopy(base))
+    ids, _ = batch()
+    table = lora_to_adalora(lora, adalora, inputs={"input_ids": ids})
+    assert default_tolerance(dtype) == 4 * torch.finfo(dtype).eps  # 4 units in the last place
+    assert table["kind"].iloc[-1] == "model" and (table["max abs output diff"] <= table["allowed output diff"]).all()
+    explicit = lora_to_adalora(lora, fresh_adalora(base=copy.deepcopy(base)), inputs={"input_ids": ids},
+                               tolerance=default_tolerance(dtype))
+    assert explicit["allowed output diff"].tolist() == table["allowed output diff"].tolist()
+
+
+def test_probes_leave_4_bit_weights_and_the_cpu_repacking_switch_as_they_were():
+    from companion.measure import load_in_4bit
+    from companion.models import build_tiny_llama
+
+    def base_4bit():  # bitsandbytes' repacking switched on, as on a CPU with AVX512-BF16
+        model = load_in_4bit(build_tiny_llama(seed=0), compute_dtype=torch.float32)
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = True
+        return model
+
+    targets = ["q_proj", "v_proj"]
+    qlora = as_trained(get_peft_model(base_4bit(), LoraConfig(r=4, lora_alpha=8, target_modules=targets)), 0.05)
+    adalora = get_peft_model(base_4bit(), AdaLoraConfig(init_r=6, lora_alpha=8, target_modules=targets, total_step=10))
+    qlora.train(), adalora.train()
+    packed = {n: p.detach().clone() for n, p in qlora.named_parameters() if p.dtype == torch.uint8}
+    lora_to_adalora(qlora, adalora)
+    assert packed and all(torch.equal(p, packed[n]) for n, p in qlora.named_parameters() if n in packed)
+    switches = [m.support_avx512bf16_for_cpu for m in qlora.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert switches and all(switches) and qlora.training and adalora.training
+
+
+def test_a_4_bit_bias_that_a_forward_cast_to_the_compute_dtype_counts_as_the_same_base():
+    from companion.measure import load_in_4bit
+    from companion.qlora import keep_dequantize_kernel_on_cpu
+
+    def base_4bit():
+        return keep_dequantize_kernel_on_cpu(load_in_4bit(tiny_bert(), compute_dtype=torch.bfloat16,
+                                                          skip_modules=["classifier"]))
+
+    lora = get_peft_model(base_4bit(), LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query"]))
+    as_trained(lora)
+    adalora = get_peft_model(base_4bit(), AdaLoraConfig(task_type="SEQ_CLS", init_r=6, lora_alpha=8,
+                                                        target_modules=["query"], total_step=10))
+    query = adalora.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer
+    query.bias.data = query.bias.data.float()  # as loaded in float32; bitsandbytes casts it on the first forward
+    ids, _ = batch()
+    table = lora_to_adalora(lora, adalora, inputs={"input_ids": ids})
+    assert (table["max abs output diff"] <= table["allowed output diff"]).all()
+    query.bias.data[0] += 1.0  # a real difference is still one
+    with pytest.raises(ValueError, match=r"base weights differ in 1 tensor\(s\) \(bert.encoder.layer.0.attention.self"
+                                         r".query.bias by 1"):
+        lora_to_adalora(lora, adalora)
+
+
+def test_inputs_the_models_cannot_take_raise_and_restore_the_adalora_model():
+    lora, adalora = small_lora(), small_adalora()
+    before = {n: p.detach().clone() for n, p in adalora.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot run on inputs \(RuntimeError: .*pass inputs as its forward"):
+        lora_to_adalora(lora, adalora, inputs=torch.randn(5, 3))
+    assert all(torch.equal(p, before[n]) for n, p in adalora.state_dict().items())

@@ -70,6 +70,15 @@ def total(model, method, *, r=None, checkpointing=True, seq_len=512, batch_size=
                      batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=checkpointing, **kw).total_bytes
 
 
+def smallest_rank(model) -> int:
+    """min(out, in) of the smallest Linear an all-linear adapter wraps, from the published config alone: q, k, v,
+    o, gate, up, down of a decoder (k and v are num_key_value_heads * head_dim wide), the four of an encoder."""
+    cfg = PUBLISHED_CONFIGS[model] if isinstance(model, str) else model
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * h // cfg["num_attention_heads"]
+    return min(h, i, kv)
+
+
 GRID = list(itertools.product(GPUS, MODELS, PRIORITIES, [None, BUDGET], [512, 2048]))
 
 
@@ -85,6 +94,9 @@ def test_the_drawn_tree_and_recommend_reach_the_same_leaf_by_the_same_path_on_a_
         assert label == LEAF_LABELS[rec.method], (gpu_gb, model, priority, budget, seq_len)
         assert path == rec.path
         assert len(rec.reasons) == len(rec.path)
+        # the advice stays possible: ranks within every adapted matrix, every adapter below full fine-tuning
+        assert rec.notes == () and max(rec.config.get("init_r", 0), rec.config.get("r", 0)) <= smallest_rank(model)
+        assert all(gb < rec.footprint_gb["full"] for m, gb in rec.footprint_gb.items() if m != "full")
         reached.add(rec.method)
     papers = {"lora", "adalora", "qlora", "qlora-adalora", "none"}
     assert reached == (papers if tradeoffs is None else papers - {"adalora", "qlora-adalora"})
@@ -238,6 +250,10 @@ def test_recommendation_prints_the_method_reasons_and_footprints():
     (dict(gpu_memory_gb=0), r"gpu_memory_gb must be a positive number.*got 0"),
     (dict(gpu_memory_gb=-1), r"gpu_memory_gb must be a positive number.*got -1"),
     (dict(gpu_memory_gb="24"), r"gpu_memory_gb must be a positive number.*got '24'"),
+    (dict(gpu_memory_gb=float("nan")), r"gpu_memory_gb must be a positive number.*got nan"),
+    (dict(gpu_memory_gb=float("inf")), r"gpu_memory_gb must be a positive number.*got inf"),
+    (dict(gpu_memory_gb=24576), r"gpu_memory_gb=24576 is outside \[1, 1024\] GB.*\(24, not 24576 MB\)"),
+    (dict(gpu_memory_gb=0.5), r"gpu_memory_gb=0.5 is outside \[1, 1024\] GB, the memory of one accelerator"),
     (dict(model="llama-3-8b"), r"unknown model 'llama-3-8b'.*llama-2-7b.*qwen2\.5-1\.5b"),
     (dict(model={"model_type": "gpt2"}), r"unsupported architecture model_type='gpt2'"),
     (dict(priority="cost"), r"unknown priority 'cost'.*'accuracy', 'memory', 'speed'"),
@@ -245,6 +261,10 @@ def test_recommendation_prints_the_method_reasons_and_footprints():
     (dict(batch_size=1.5), r"batch_size must be a positive integer, got 1.5"),
     (dict(model="roberta-large", seq_len=1024), r"seq_len=1024 exceeds the 512 positions"),
     (dict(trainable_budget=0), r"trainable_budget must be a positive integer.*got 0"),
+    (dict(trainable_budget=-5), r"trainable_budget must be a positive integer.*got -5"),
+    (dict(trainable_budget=1e9), r"trainable_budget must be a positive integer.*got 1000000000.0"),
+    (dict(trainable_budget=True), r"trainable_budget must be a positive integer.*got True"),
+    (dict(batch_size=-1), r"batch_size must be a positive integer, got -1"),
     (dict(trainable_budget=1000), r"trainable_budget=1,000 is below one rank.*pass at least [\d,]+"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_input_raises_value_error_naming_the_problem_and_the_choices(kwargs, message):
@@ -299,3 +319,101 @@ def test_measured_tradeoffs_drive_the_recommendation():
     worse = RESULTS.assign(accuracy=RESULTS.accuracy.where(RESULTS.method != "adalora", 0.5))
     rec = recommend(24, "llama-2-7b", tradeoffs=Tradeoffs.from_results(worse))
     assert rec.method == "lora" and "measured:" in rec.reasons[2]
+
+
+def test_a_budget_larger_than_the_model_is_clamped_to_the_rank_of_the_smallest_adapted_matrix():
+    # robustness-2/recommend_budget_above_model.py: init_r=2726 on k_proj (128 x 896), AdaLoRA above full fine-tuning
+    kv = smallest_rank("qwen2.5-0.5b")
+    params = footprint("qwen2.5-0.5b", "full").total_params
+    assert kv == 128 and params < 10**9
+    with pytest.warns(UserWarning, match=r"clamped to min\(out, in\) = 128 of the smallest adapted matrix, k_proj"):
+        rec = recommend(80, "qwen2.5-0.5b", trainable_budget=10**9)
+    assert rec.method == "adalora"
+    assert (rec.config["init_r"], rec.config["target_r"]) == (128, 85)  # ceil(1.5 * 85) = 128 <= 128 < ceil(1.5 * 86)
+    assert recommend(80, "qwen2.5-0.5b", trainable_budget=10**9, priority="speed").config["r"] == kv
+    assert f"at least the model's own {params:,} parameters" in rec.notes[0] and len(rec.notes) == 3
+    assert all("Note: " + n in str(rec) for n in rec.notes)
+    assert rec.footprint_gb["adalora"] == total("qwen2.5-0.5b", "adalora", r=128) / 1e9 < rec.footprint_gb["full"]
+    assert "more than every adapter method here" in rec.reasons[0]
+
+
+def largest_rank_below_full(model, methods) -> int:
+    """Bisection on footprint itself (no affine shortcut): the largest r at which every method is below full."""
+    full = footprint(model, "full", gradient_checkpointing=True).total_bytes
+    low, high = 1, smallest_rank(model) + 1
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if all(total(model, m, r=mid) < full for m in methods) else (low, mid)
+    return low
+
+
+def test_ranks_are_cut_where_an_adapter_would_need_as_much_memory_as_full_finetuning():
+    with pytest.warns(UserWarning, match="need less memory than full fine-tuning"):
+        speed = recommend(80, "llama-2-7b", trainable_budget=6 * 10**9, priority="speed")
+        memory = recommend(80, "llama-2-7b", trainable_budget=6 * 10**9, priority="memory")
+    full = footprint("llama-2-7b", "full", gradient_checkpointing=True).total_bytes
+    r = largest_rank_below_full("llama-2-7b", ("lora", "qlora"))
+    assert total("llama-2-7b", "lora", r=r) < full <= total("llama-2-7b", "lora", r=r + 1)
+    assert speed.config["r"] == memory.config["r"] == r and speed.method == "qlora"  # LoRA at r no longer fits 72 GB
+    limit = largest_rank_below_full("llama-2-7b", ("adalora", "qlora-adalora"))
+    assert any(f"init_r is at most {limit}, the largest rank" in n for n in speed.notes)
+    assert all(v < speed.footprint_gb["full"] for m, v in speed.footprint_gb.items() if m != "full")
+
+
+def test_default_ranks_wider_than_a_narrow_models_matrices_are_clamped():
+    narrow = dict(model_type="llama", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  intermediate_size=32, vocab_size=1000, tie_word_embeddings=False)
+    assert smallest_rank(narrow) == 8  # k_proj, v_proj: 1 kv head of 8
+    with pytest.warns(UserWarning, match=r"init_r=12, target_r=8 clamped to init_r=8, target_r=5.*k_proj \(8 x 16\)"):
+        rec = recommend(24, narrow)
+    assert (rec.config["init_r"], rec.config["target_r"]) == (8, 5)
+    assert recommend(24, narrow, priority="speed").config["r"] == 8  # r=8 is within the matrices: unchanged
+
+
+def test_a_model_too_small_for_any_adapter_to_save_memory_is_refused():
+    tiny = dict(model_type="llama", hidden_size=4, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                intermediate_size=4, vocab_size=4, tie_word_embeddings=False)
+    full = footprint(tiny, "full", gradient_checkpointing=True).total_bytes
+    assert footprint(tiny, "adalora", r=1, target_modules="all-linear", gradient_checkpointing=True).total_bytes >= full
+    with pytest.raises(ValueError, match=rf"rank 1 on every Linear already needs [\d,]+ bytes, not less than full "
+                                         rf"fine-tuning's {full:,}.*fine-tune it fully"):
+        recommend(24, tiny)
+
+
+def test_integer_types_other_than_int_are_accepted_as_counts():
+    numpy = pytest.importorskip("numpy")
+    budget = 5 * footprint("llama-2-7b", "adalora", r=1, target_modules="all-linear").adapter_params
+    expected = recommend(24, "llama-2-7b", trainable_budget=budget, seq_len=256)
+    got = recommend(24, "llama-2-7b", trainable_budget=numpy.int64(budget), seq_len=numpy.int64(256))
+    assert (got.config, got.footprint_gb) == (expected.config, expected.footprint_gb)
+
+
+def test_a_qlora_larger_than_any_card_is_not_promised_a_single_card():
+    rec = recommend(24, "llama-2-70b", seq_len=4096, batch_size=256)
+    assert rec.method == "none" and rec.footprint_gb["qlora"] > 1024
+    assert "more than any single card holds" in rec.alternatives[0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(adalora_accuracy_gain=float("nan")), r"adalora_accuracy_gain must be a finite number.*got nan"),
+    (dict(qlora_accuracy_gain="0.1"), r"qlora_accuracy_gain must be a finite number.*got '0.1'"),
+    (dict(adalora_time_ratio=0.0), r"adalora_time_ratio must be a positive finite ratio.*got 0.0"),
+    (dict(qlora_time_ratio=float("inf")), r"qlora_time_ratio must be a positive finite ratio.*got inf"),
+])
+def test_tradeoffs_refuse_numbers_no_advice_could_follow(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Tradeoffs(**kwargs)
+
+
+def test_speed_advice_does_not_call_a_measured_faster_method_slower():
+    measured = Tradeoffs(adalora_time_ratio=0.95, qlora_time_ratio=1.3, source="measured")
+    speed = recommend(24, "llama-2-7b", priority="speed", tradeoffs=measured).reasons[1]
+    assert "0.950x LoRA's training time" in speed and "ratio below 1 is noise" in speed
+    papers = recommend(24, "llama-2-7b", priority="speed").reasons[1]
+    assert "1.105x" in papers and "noise" not in papers
+
+
+def test_a_negative_gain_is_reported_as_a_change_not_a_gain():
+    rec = recommend(24, "llama-2-7b", tradeoffs=Tradeoffs(adalora_accuracy_gain=-0.5))
+    assert rec.method == "lora" and "changes accuracy by -0.50 accuracy points" in rec.reasons[2]
+    assert "gains -0.50" not in rec.reasons[2]
