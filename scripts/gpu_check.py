@@ -3,10 +3,16 @@
     python scripts/gpu_check.py                 # gpu: Llama-2-7B shape, random weights; < 8 min on one data-centre GPU
     python scripts/gpu_check.py --profile ci    # the same checks on a tiny Llama on the CPU, < 1 min (run in CI)
 
-1. ``load-4bit``: a Llama built from its config with random weights, handed to transformers'
+1. ``load-4bit``: a Llama of the profile's shape with random weights, loaded by transformers'
    ``from_pretrained(None, state_dict=..., quantization_config=BitsAndBytesConfig(nf4, double quant))``,
-   the loading path of a hub checkpoint without the disk. Every decoder ``nn.Linear`` must become
-   ``Linear4bit``; the stored bytes are compared with ``companion.memory.footprint``.
+   the loading path of a hub checkpoint without the disk. The checkpoint entries are drawn lazily, one
+   parameter at a time, when the loader reads them (:class:`RandomCheckpointEntry`), so the 16-bit model
+   never exists as a whole. Every decoder ``nn.Linear`` must become ``Linear4bit``; the stored bytes are
+   compared with ``companion.memory.footprint``.
+   ``build-peak``: the device peak of that build (``PeakMemory``: the CUDA allocator's
+   ``max_memory_allocated`` on a GPU, live tensor bytes on a CPU) stays within the built 4-bit model
+   plus one decoder layer in 16 bit. Llama-2-7B: 3.87 GB + 0.40 GB; drawing the whole bf16 model first
+   (13.5 GB) and quantizing it while it lived peaked at about 17.4 GB.
 2. ``qlora-bnb-paged``: QLoRA steps (LoRA r on all linear layers, gradient checkpointing) with the
    optimizer ``TrainingArguments(optim="paged_adamw_8bit")`` builds, ``bitsandbytes.optim.AdamW(optim_bits=8,
    is_paged=True)``. Loss finite, adapter moved, 4-bit weights untouched; peak memory against the estimate
@@ -18,11 +24,14 @@
    prefetch stream), bit for bit.
 5. ``quantizer-bitexact``: ``companion.quant.quantize_4bit`` against bitsandbytes' kernels on the device
    (CUDA kernels on a GPU): packed codes, block constants, double-quantization state, dequantized weights.
+6. ``fits-16gb``: the largest device peak of the run (build, both QLoRA checks) within the 14 GB that a
+   16 GB card such as a T4 leaves to tensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 import warnings
@@ -46,6 +55,9 @@ PROFILES = {
                quant_shape=(256, 192)),
 }
 RATIO_OK = (0.67, 1.5)  # measured / estimated peak memory that counts as agreeing (temporaries are not estimated)
+# Tensor bytes a 16 GB card can hold: a T4 gives PyTorch about 15 GB, and the CUDA context, cuBLAS'
+# workspace and the allocator's cache need the rest (the course's T4 budget: peak within 14 GB).
+CARD_16GB_BUDGET = 14e9
 
 
 def size(n_bytes: float) -> str:
@@ -58,29 +70,95 @@ class Verdict:
     check: str
     status: str  # PASS, FAIL, WARN or N/A
     detail: str
+    peak_bytes: float | None = None  # device peak the check measured, for fits-16gb
 
     def __str__(self):
         return f"[{self.status:<4}] {self.check}: {self.detail}"
 
 
-def build_4bit_llama(name: str, device: torch.device):
-    """Random-weight Llama of ``name``'s shape, quantized to NF4 + double quantization by transformers."""
+class RandomCheckpointEntry:
+    """One entry of a random-weight checkpoint, drawn on ``device`` only when the loader reads it.
+
+    transformers reads a safetensors checkpoint lazily: each entry is a slice object that becomes a
+    tensor when indexed with ``entry[...]`` (``transformers.core_model_loading._materialize_copy``), and
+    with on-the-fly quantization it reads, quantizes and places one parameter before it reads the next
+    (no loader threads, so that 16-bit tensors do not pile up). This entry is such a slice: ``entry[...]``
+    copies the module that owns ``key`` from the meta-device ``skeleton``, allocates it on ``device``,
+    initialises it with the model's own ``_init_weights`` (what ``_from_config`` draws: normal(0,
+    ``initializer_range``) for linear and embedding weights, ones for RMSNorm) and returns the parameter.
+    """
+
+    def __init__(self, skeleton: torch.nn.Module, key: str, device: torch.device):
+        self.skeleton, self.key, self.device = skeleton, key, device
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if index is not Ellipsis:
+            raise TypeError(f"{self.key}: a random checkpoint entry is read whole (entry[...]), got entry[{index!r}]")
+        prefix, _, name = self.key.rpartition(".")
+        module = copy.deepcopy(self.skeleton.get_submodule(prefix)).to_empty(device=self.device)
+        self.skeleton._init_weights(module)
+        return getattr(module, name).detach()
+
+
+def build_4bit_llama(name: str, device: torch.device, config=None):
+    """Random-weight Llama of ``name``'s shape (or of ``config``), quantized to NF4 + double quantization
+    by transformers while it loads, one parameter at a time: the device holds the 4-bit model built so
+    far plus one 16-bit parameter and its quantization temporaries, never the 16-bit model.
+    Returns ``(model, config)``; raises ``RuntimeError`` if the loader skipped or added a parameter."""
     from transformers import LlamaForCausalLM
 
     from companion.qlora import bnb_4bit_config, keep_dequantize_kernel_on_cpu
 
-    config = tiny_llama_config(max_position_embeddings=512) if name == "tiny-llama" else published_config(name)
-    with torch.device(device):
-        base = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)  # initialised on the device
-    state_dict = base.state_dict()
-    del base
-    model = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.bfloat16,
-                                             quantization_config=bnb_4bit_config(torch.bfloat16),
-                                             device_map=str(device))
-    del state_dict
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    if config is None:
+        config = tiny_llama_config(max_position_embeddings=512) if name == "tiny-llama" else published_config(name)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        skeleton = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    checkpoint = {key: RandomCheckpointEntry(skeleton, key, device) for key in skeleton.state_dict()}
+    model, info = LlamaForCausalLM.from_pretrained(None, config=config, state_dict=checkpoint, dtype=torch.bfloat16,
+                                                   quantization_config=bnb_4bit_config(torch.bfloat16),
+                                                   device_map=str(device), output_loading_info=True)
+    wrong = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if wrong:  # a parameter the loader initialised itself would not be bounded by the per-parameter draw
+        raise RuntimeError(f"from_pretrained did not load the random checkpoint one to one: {wrong}")
     return keep_dequantize_kernel_on_cpu(model), config
+
+
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages a built model keeps on its device: parameters, buffers and every
+    tensor of each 4-bit weight's quantization state (its code tables too, unlike ``stored_bytes``)."""
+    tensors = model_tensors(model)
+    for p in model.parameters():
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            tensors += [qs.code] + ([qs.state2.code] if qs.nested else [])
+    return sum({st.data_ptr(): st.nbytes() for t in tensors if (st := t.untyped_storage()).nbytes()}.values())
+
+
+def decoder_layer_bytes(config) -> int:
+    """Bytes of one decoder layer of ``config`` in bfloat16 (Llama-2-7B: 0.40 GB)."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    with torch.device("meta"):
+        layer = LlamaDecoderLayer(config, layer_idx=0).to(torch.bfloat16)
+    return sum(p.nbytes for p in layer.parameters())
+
+
+def check_build_peak(model, config, peak: float) -> Verdict:
+    held, layer = held_bytes(model), decoder_layer_bytes(config)
+    ok = peak <= held + layer
+    return Verdict("build-peak", "PASS" if ok else "FAIL",
+                   f"peak {size(peak)} while building vs 4-bit model {size(held)} + one 16-bit decoder layer "
+                   f"{size(layer)} = {size(held + layer)} (transient {size(peak - held)})", peak_bytes=peak)
+
+
+def check_fits_16gb(verdicts: list[Verdict]) -> Verdict:
+    peaks = {v.check: v.peak_bytes for v in verdicts if v.peak_bytes is not None}
+    if not peaks:
+        return Verdict("fits-16gb", "FAIL", "no check measured a peak")
+    worst = max(peaks, key=peaks.get)
+    return Verdict("fits-16gb", "PASS" if peaks[worst] <= CARD_16GB_BUDGET else "FAIL",
+                   f"largest peak {size(peaks[worst])} ({worst}) vs {size(CARD_16GB_BUDGET)} for tensors on a "
+                   "16 GB card; " + ", ".join(f"{k} {size(v)}" for k, v in peaks.items()))
 
 
 def check_load(model, config) -> Verdict:
@@ -163,7 +241,7 @@ def check_qlora(model, config, p: dict, device, optimizer_name: str) -> Verdict:
     name = "qlora-bnb-paged" if optimizer_name == "bnb" else "qlora-companion-paged"
     return Verdict(name, status, f"loss {run['losses'][-1]:.3f} (finite {finite}), adapter moved {moved}, 4-bit "
                    f"weights untouched {untouched}; peak {size(measured)} vs footprint {size(expected)} "
-                   f"(x{ratio:.2f}); {run['tokens_per_s']:,.0f} tokens/s; {paging}")
+                   f"(x{ratio:.2f}); {run['tokens_per_s']:,.0f} tokens/s; {paging}", peak_bytes=measured)
 
 
 def check_paged_equals_adamw(device) -> Verdict:
@@ -234,8 +312,10 @@ def run_checks(profile: str) -> list[Verdict]:
     device = torch.device(p["device"])
     seed_everything(0)
     start = time.perf_counter()
-    model, config = build_4bit_llama(p["model"], device)
-    verdicts = [guarded("load-4bit", check_load, model, config)]
+    with PeakMemory(device) as build:  # the allocator's peak on CUDA, live tensor bytes on a CPU
+        model, config = build_4bit_llama(p["model"], device)
+    verdicts = [guarded("load-4bit", check_load, model, config),
+                guarded("build-peak", check_build_peak, model, config, build.peak_bytes)]
     print(f"built and quantized {p['model']} in {time.perf_counter() - start:.0f} s", flush=True)
     model.train()  # checkpointing only acts in training mode
     model.activation_checkpointing_enable()  # what SFTTrainer does; no fp32 up-casting of the 16-bit layers
@@ -246,6 +326,7 @@ def run_checks(profile: str) -> list[Verdict]:
         print(verdicts[-1], flush=True)
     verdicts.append(guarded("paged-equals-adamw", check_paged_equals_adamw, device))
     verdicts.append(guarded("quantizer-bitexact", check_quantizer, device, p["quant_shape"]))
+    verdicts.append(guarded("fits-16gb", check_fits_16gb, verdicts))
     return verdicts
 
 

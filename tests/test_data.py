@@ -180,6 +180,24 @@ def test_encode_sentiment_pads_to_the_longest_sentence_and_keeps_labels(minilm_t
         == "the service was not bad."
 
 
+def test_encode_sentiment_truncates_an_overlong_sentence_or_pair_and_warns_with_the_count(minilm_tokenizer, recwarn):
+    from companion.data import SentimentExample
+
+    short = SentimentExample("a fine film", 1, "glue", "glue")
+    long = SentimentExample("a fine film " * 30, 1, "glue", "glue")  # 92 tokens with [CLS] and [SEP]
+    encode_sentiment([short, short], minilm_tokenizer, max_length=32)
+    assert not [w for w in recwarn if "encode_sentiment" in str(w.message)]  # all fit: nothing to report
+    with pytest.warns(UserWarning, match=re.escape("encode_sentiment: truncated 1 of 3 examples to max_length=32 "
+                                                   "tokens (example 1; the longest has 92)")):
+        enc = encode_sentiment([short, long, short], minilm_tokenizer, max_length=32)
+    reference = minilm_tokenizer([e.text for e in (short, long, short)], padding=True, truncation=True,
+                                 max_length=32, return_tensors="pt")
+    assert enc["input_ids"].shape == (3, 32) and torch.equal(enc["input_ids"], reference["input_ids"])
+    pair = SentimentExample("A cat sleeps. " * 10, 0, "glue", "glue", text_pair="An animal rests. " * 10)
+    with pytest.warns(UserWarning, match=re.escape("truncated 1 of 1 examples to max_length=24 tokens")):
+        assert encode_sentiment([pair], minilm_tokenizer, max_length=24)["input_ids"].shape == (1, 24)
+
+
 def test_sentiment_dataloaders_shuffle_train_the_same_way_for_the_same_seed(minilm_tokenizer):
     sizes = dict(n_train=40, n_validation=10, n_test=10)
     first = sentiment_dataloaders(minilm_tokenizer, batch_size=8, seed=3, **sizes)
@@ -332,15 +350,69 @@ def test_encode_instructions_works_without_bos_and_eos(minilm_tokenizer):
     assert minilm_tokenizer.decode(response) == "moon moon"
 
 
-def test_encode_instructions_needs_a_pad_token_and_room_for_the_response(char_tok):
+def test_encode_instructions_needs_a_pad_token_a_sane_max_length_and_one_example_with_room(char_tok):
     examples = make_instruction_dataset(2, seed=0)
-    with pytest.raises(ValueError, match="leaves no room for the response within max_length=20"):
+    with pytest.raises(ValueError, match=r"no example keeps a response token within max_length=20: the prompts take "
+                                         r"\d+ to \d+ tokens; raise max_length"):
         encode_instructions(examples, char_tok, max_length=20)
+    for bad in (1, None, 64.0):
+        with pytest.raises(ValueError, match=re.escape(f"max_length must be an integer >= 2 (a prompt token and a "
+                                                       f"response token), got {bad!r}")):
+            encode_instructions(examples, char_tok, max_length=bad)
     from companion.models import char_tokenizer
     no_pad = char_tokenizer()
     no_pad.pad_token = None
     with pytest.raises(ValueError, match="no pad token"):
         encode_instructions(examples, no_pad)
+
+
+def trl_keep_start(prompt_ids, full_ids, max_length):
+    """TRL 1.16 ``SFTTrainer._prepare_dataset`` on one prompt-completion row: labels mask the prompt,
+    ``truncation_mode="keep_start"`` keeps ``[:max_length]``, rows without a label left are filtered out."""
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    ids, labels = full_ids[:max_length], labels[:max_length]
+    return (ids, labels) if any(label != -100 for label in labels) else None
+
+
+def test_encode_instructions_drops_an_overlong_prompt_and_cuts_a_long_response_as_trl_does_with_a_warning(char_tok):
+    normal = make_instruction_dataset(6, seed=0)
+    long_prompt = InstructionExample("Summarise the text.", "word " * 60, "Short.", "alpaca")  # 300+ tokens
+    long_answer = InstructionExample("Repeat the word.", "echo", "echo " * 40, "alpaca")
+    examples = normal[:3] + [long_prompt] + normal[3:] + [long_answer]
+    with pytest.warns(UserWarning) as caught:
+        enc = encode_instructions(examples, char_tok, max_length=192)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    prompt_tokens = len(encode_prompt(long_prompt, char_tok))
+    assert (f"2 of 8 examples do not fit max_length=192 tokens; dropped 1 whose prompt leaves no response token "
+            f"(example 3: {prompt_tokens}-token prompt) and cut the response of 1 (example 7: their end and EOS are "
+            "not trained), as TRL's SFTTrainer does") in message
+    assert caught[0].filename == __file__  # reported at the caller's line
+
+    kept = [e for e in examples if e is not long_prompt]
+    assert enc["input_ids"].shape == (7, 192)
+    for row, example in enumerate(kept):
+        full = ([char_tok.bos_token_id] + char_tok(format_prompt(example), add_special_tokens=False)["input_ids"]
+                + [char_tok.eos_token_id])
+        ids, labels = trl_keep_start(encode_prompt(example, char_tok), full, 192)
+        n = len(ids)
+        assert enc["input_ids"][row, :n].tolist() == ids and enc["labels"][row, :n].tolist() == labels
+        assert enc["attention_mask"][row].sum() == n and (enc["labels"][row, n:] == -100).all()
+    assert trl_keep_start(encode_prompt(long_prompt, char_tok), [0] * (prompt_tokens + 5), 192) is None  # TRL drops it
+    cut = enc["labels"][6][enc["labels"][6] != -100]
+    assert char_tok.decode(cut) == ("echo " * 40)[:len(cut)]  # the start of the response, no EOS
+
+    # The normal rows are encoded exactly as without the long ones (up to the padding width).
+    alone = encode_instructions(normal, char_tok, max_length=192)
+    rows = [kept.index(e) for e in normal]
+    width = alone["input_ids"].shape[1]
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(enc[key][rows, :width], alone[key])
+
+
+def test_encode_instructions_warns_about_nothing_when_every_example_fits(char_tok, recwarn):
+    encode_instructions(make_instruction_dataset(12, seed=0), char_tok, max_length=192)
+    assert not [w for w in recwarn if "encode_instructions" in str(w.message)]
 
 
 def test_dataloaders_accept_explicit_splits_such_as_glue_records():
