@@ -45,7 +45,7 @@ class AblationSettings:
     target_r: int = 4
     lora_alpha: float = 32.0
     lr: float = 5e-3  # AdaLoRA arms: Lambda = 0 and P, Q ~ N(0, 0.02^2) make short runs need a large rate
-    lora_lr: float = 5e-4  # the LoRA arm (B = 0, A ~ Kaiming-uniform) diverges at the AdaLoRA rate
+    lora_lr: float = 5e-4  # the LoRA arm (B = 0, A ~ Kaiming-uniform) learns nothing at the AdaLoRA rate (Ch. 3)
     total_step: int = 80
     tinit: int = 10
     tfinal: int = 20

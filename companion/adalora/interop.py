@@ -66,6 +66,37 @@ def copy_adapter_weights_from_peft(model: nn.Module, peft_model: nn.Module, adap
             getattr(layer, part).copy_(peft_params[key])
 
 
+def freeze_ranknum(model: nn.Module) -> int:
+    """Set ``requires_grad=False`` on every PEFT AdaLoRA ``ranknum``; return how many were trainable.
+
+    ``ranknum`` holds r0 (``init_r``) of the constant output scale alpha / r0 (Chapter 2) and must
+    never train. PEFT 0.21.2 creates it frozen in ``AdaLoraLayer.update_layer`` and then calls
+    ``_move_adapter_to_device_of_base_layer``, which stores ``ranknum.to(device, dtype)`` back in its
+    ``nn.ParameterDict`` whenever the base layer's device *or* dtype differs from the fresh float32
+    CPU tensor: a bf16/fp16/fp64 base, a 4-bit base whose ``compute_dtype`` is not float32, a base
+    on a GPU (or on ``meta``), even in float32. ``Tensor.to`` then returns a plain tensor and
+    ``ParameterDict`` re-wraps it as an ``nn.Parameter`` with ``requires_grad=True``, so every
+    optimizer built from the trainable parameters (``Trainer``'s included) trains the scale. A
+    float32 base on the CPU, including a 4-bit base with float32 compute, is not moved and keeps it
+    frozen; a later ``model.to(...)`` keeps whatever ``requires_grad`` it has.
+
+    Call it after ``get_peft_model`` and before building the optimizer (``Trainer`` builds its own
+    in ``train()``). Returns 0 when nothing was trainable. Raises ``ValueError`` when ``model`` has no
+    PEFT AdaLoRA layer at all (the companion's ``SVDLinear`` keeps ``ranknum`` as a buffer).
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+
+    ranknums = [p for m in model.modules() if isinstance(m, AdaLoraLayer) for p in m.ranknum.values()]
+    if not ranknums:
+        raise ValueError("freeze_ranknum(model): model has no PEFT AdaLoRA layer, so there is no ranknum to "
+                         "freeze; pass the model returned by peft.get_peft_model(..., AdaLoraConfig(...)) "
+                         "(the companion's SVDLinear keeps ranknum as a buffer, which never trains)")
+    trainable = [p for p in ranknums if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    return len(trainable)
+
+
 def paper_position(name: str) -> tuple[int, str]:
     """``bert.encoder.layer.3.attention.self.query`` -> ``(3, "W_q")``; unknown modules keep their path."""
     match = _LAYER.search(name)
