@@ -29,8 +29,8 @@ def test_forty_float64_steps_match_peft_parameters_masks_and_final_pattern():
     inject_adalora(ours, ["lin0", "lin1", "lin2"], init_r=4, lora_alpha=8)
     copy_adapter_weights_from_peft(ours, peft_model)
     allocator = RankAllocator(ours, **SCHEDULE)
-    # peft 0.21.2 re-creates ranknum as a *trainable* Parameter when it casts the adapter to a non-fp32 base
-    # dtype (here float64; also bf16/fp16 and 4-bit bases); train only A, B, E as the paper and we do.
+    # peft 0.21.2 re-creates ranknum as a *trainable* Parameter when it moves the adapter to the base layer's
+    # dtype or device and either changes (here float64); train only A, B, E as the paper and we do.
     assert peft_model.base_model.model.lin0.ranknum["default"].requires_grad
     opt_p = torch.optim.AdamW([p for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" in n],
                               lr=2e-2)
