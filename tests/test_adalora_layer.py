@@ -239,3 +239,23 @@ def test_over_the_companion_linear4bit_svdlinear_computes_what_peft_svdlinear4bi
     y.float().sum().backward()
     for part in ("lora_A", "lora_B", "lora_E"):
         assert torch.equal(getattr(ours, part).grad, getattr(reference, part)["default"].grad), part
+
+
+def test_copying_peft_weights_is_verified_on_layer_outputs_not_on_the_tensors():
+    """Equal A, B, E with a different lora_alpha (or base) are different layers: the copy says so."""
+    torch.manual_seed(0)
+    base, ours = Toy(), Toy()
+    ours.load_state_dict(base.state_dict())
+    peft_model = get_peft_model(base, AdaLoraConfig(init_r=4, lora_alpha=8, target_modules=["lin0", "lin1"],
+                                                    total_step=10))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_E" in name:
+                p.normal_()  # PEFT starts Lambda at zero: make the adapters matter
+    inject_adalora(ours, ["lin0", "lin1"], init_r=4, lora_alpha=16)
+    with pytest.raises(ValueError, match="layer 'lin0' computes outputs .* away from PEFT's.*lora_alpha"):
+        copy_adapter_weights_from_peft(ours, peft_model)
+    other = Toy()
+    inject_adalora(other, ["lin0", "lin1"], init_r=3, lora_alpha=8)
+    with pytest.raises(ValueError, match=r"lin0.lora_A: companion shape \(3, 6\), PEFT \(4, 6\); build both with the same"):
+        copy_adapter_weights_from_peft(other, peft_model)

@@ -49,21 +49,57 @@ def ranks_from_peft(rank_pattern: dict[str, list[bool]] | None) -> dict[str, int
 
 
 @torch.no_grad()
-def copy_adapter_weights_from_peft(model: nn.Module, peft_model: nn.Module, adapter_name: str = "default") -> None:
+def copy_adapter_weights_from_peft(model: nn.Module, peft_model: nn.Module, adapter_name: str = "default",
+                                   *, probe_rows: int = 4, rtol: float = 1e-5) -> None:
     """Copy PEFT's ``lora_A``, ``lora_B``, ``lora_E`` into the companion layers of the same name.
 
     Use it to start both implementations from identical adapters: PEFT draws ``randn`` for A, E
     and B and then redraws A and B, so seeding alone does not give equal weights.
+
+    Equal tensors do not make equal layers (``lora_alpha``, ``init_r`` or the base weights may differ),
+    so the copy is verified on the result: ``probe_rows`` random rows go through each pair of layers
+    (dropout off), and an output difference above ``rtol`` times the largest output raises
+    ``ValueError`` naming the layer. A shape mismatch (different ``init_r``) is refused before copying.
     """
-    peft_params = dict(peft_model.named_parameters())
-    for name, layer in adalora_layers(model).items():
+    peft_params, peft_modules = dict(peft_model.named_parameters()), dict(peft_model.named_modules())
+    layers, copies, peft_layers = adalora_layers(model), [], {}
+    for name, layer in layers.items():
         for part in ("lora_A", "lora_B", "lora_E"):
             key = next((k for k in (f"base_model.model.{name}.{part}.{adapter_name}", f"{name}.{part}.{adapter_name}")
                         if k in peft_params), None)
             if key is None:
                 raise ValueError(f"PEFT model has no {part} for layer {name!r} (adapter {adapter_name!r}); were "
                                  "both models built with the same target_modules?")
-            getattr(layer, part).copy_(peft_params[key])
+            ours, theirs = getattr(layer, part), peft_params[key]
+            if ours.shape != theirs.shape:
+                raise ValueError(f"{name}.{part}: companion shape {tuple(ours.shape)}, PEFT {tuple(theirs.shape)}; "
+                                 "build both with the same init_r")
+            copies.append((ours, theirs))
+        peft_layers[name] = peft_modules.get(f"base_model.model.{name}", peft_modules.get(name))
+    with torch.no_grad():
+        for ours, theirs in copies:
+            ours.copy_(theirs)
+    _check_same_outputs(layers, peft_layers, probe_rows, rtol)
+
+
+@torch.no_grad()
+def _check_same_outputs(ours: dict[str, nn.Module], theirs: dict[str, nn.Module], rows: int, rtol: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for name, layer in ours.items():
+        other = theirs[name]
+        modes = layer.training, other.training
+        layer.eval(), other.eval()
+        try:
+            weight = layer.lora_A
+            x = torch.randn(rows, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+            a, b = layer(x).float(), other(x).float()
+        finally:
+            layer.train(modes[0]), other.train(modes[1])
+        diff, allowed = (a - b).abs().max(), rtol * b.abs().max().clamp_min(1e-30)
+        if not diff <= allowed:
+            raise ValueError(f"after copying, layer {name!r} computes outputs {float(diff):.3g} away from PEFT's "
+                             f"(allowed {float(allowed):.3g}): the tensors are equal but the layers are not; check "
+                             "lora_alpha and the base weights of both models")
 
 
 def freeze_ranknum(model: nn.Module) -> int:
