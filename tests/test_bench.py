@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from pandas.testing import assert_frame_equal
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from peft import AdaLoraConfig, LoraConfig, get_peft_model, get_peft_model_state_dict
 from tiny_models import tiny_bert
 from torch import nn
 from torch.utils.data import DataLoader
@@ -23,6 +23,7 @@ from companion.adalora.ablation import BERT_MATRICES
 from companion.bench import (LABELS, METHODS, BenchConfig, BenchResults, Task, adapted_shapes, check_budgets,
                              instruction_task, plot_accuracy_vs_memory, plot_learning_curves, plot_rank_heatmaps,
                              run_benchmark, run_one, trainable_budget)
+from companion.bench.harness import adapted_layers, kept_budget
 from companion.bench.results import RUN_COLUMNS
 from companion.data import TensorDictDataset
 from companion.measure import load_in_4bit
@@ -132,6 +133,39 @@ def test_adapted_shapes_follow_peft_name_matching_and_read_4bit_layers_unpacked(
         adapted_shapes(tiny_bert(), ("q_proj",))
 
 
+def test_final_adalora_budget_is_the_size_of_the_adapter_peft_saves_after_a_non_uniform_allocation():
+    init_r = 4
+    model = get_peft_model(tiny_bert(), AdaLoraConfig(init_r=init_r, target_r=2, total_step=10,
+                                                      target_modules=list(BERT_MATRICES)))
+    layers = adapted_layers(tiny_bert(), BERT_MATRICES)
+    kept = {name: 1 + (3 * i) % init_r for i, name in enumerate(layers)}  # 1..4 triplets, uneven
+    model.peft_config["default"].rank_pattern = {f"{name}.lora_E.default": [True] * r + [False] * (init_r - r)
+                                                 for name, r in kept.items()}
+    saved = get_peft_model_state_dict(model)  # PEFT cuts P, Q and Lambda to the rank pattern
+    assert len(set(kept.values())) > 1
+    assert kept_budget(layers, kept) == sum(t.numel() for t in saved.values())
+
+
+def test_moving_ranks_to_wider_matrices_moves_the_final_budget_away_from_the_planned_one():
+    # MiniLM: 4 attention matrices of 384 x 384 and two FFN matrices of 384 x 1536 per layer, target_r 4, init_r 6
+    layer = {"query": (384, 384), "key": (384, 384), "value": (384, 384), "output": (384, 384),
+             "ffn1": (384, 1536), "ffn2": (1536, 384)}
+    planned = trainable_budget("adalora", list(layer.values()), 4)
+    to_ffn = {"query": 3, "key": 3, "value": 3, "output": 3, "ffn1": 6, "ffn2": 6}  # same 24 triplets in total
+    assert sum(to_ffn.values()) == 4 * len(layer)
+    assert kept_budget(layer, to_ffn) == 12 * 769 + 12 * 1921 == 32280
+    assert (kept_budget(layer, to_ffn) - planned) / planned > BenchConfig().budget_tolerance  # 27,672 planned
+    assert kept_budget(layer, dict.fromkeys(layer, 4)) == planned
+
+
+def test_kept_budget_refuses_ranks_of_other_matrices_and_negative_ranks():
+    layers = {"a": (4, 4), "b": (4, 8)}
+    with pytest.raises(ValueError, match=r"same matrices; only in ranks: \['c'\], only in layers: \['b'\]"):
+        kept_budget(layers, {"a": 1, "c": 2})
+    with pytest.raises(ValueError, match=r"cannot be negative, got \{'b': -1\}"):
+        kept_budget(layers, {"a": 1, "b": -1})
+
+
 # ------------------------------------------------------------------ the budget check
 def test_equal_budgets_pass_and_adaloras_lambdas_fit_the_default_tolerance():
     check_budgets({"lora": 1000, "qlora": 1000}, 0.0)
@@ -218,19 +252,25 @@ def test_one_row_per_method_and_seed_with_every_column_and_accuracies_in_0_1(res
     assert reached.isin(EVAL_STEPS).all()
 
 
-def test_trainable_counts_full_model_lora_budget_and_adalora_from_init_r_down_to_target_r(results):
+def test_trainable_counts_full_model_lora_budget_and_adalora_from_init_r_to_the_ranks_it_kept(results):
     model = tiny_bert()
     sizes = linear_sizes(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(TARGETS)]
     head = sum(p.numel() for p in model.classifier.parameters())
     runs = results.runs.set_index("method")
     assert (runs.loc["full", "trainable_params"] == sum(p.numel() for p in model.parameters())).all()
     for method in ("lora", "qlora"):
         assert (runs.loc[method, "trainable_params"] == CONFIG.r * sum(i + o for i, o in sizes) + head).all()
+        assert (runs.loc[method, "planned_budget_params"] == runs.loc[method, "trainable_params"]).all()
         assert (runs.loc[method, "budget_params"] == runs.loc[method, "trainable_params"]).all()
     for method in ("adalora", "qlora-adalora"):
-        assert (runs.loc[method, "trainable_params"] == CONFIG.init_r * sum(i + o + 1 for i, o in sizes) + head).all()
-        assert (runs.loc[method, "budget_params"] == CONFIG.r * sum(i + o + 1 for i, o in sizes) + head).all()
-        assert (runs.loc[method, "trainable_params"] > runs.loc[method, "budget_params"]).all()
+        rows = results.runs[results.runs["method"] == method]
+        assert (rows["trainable_params"] == CONFIG.init_r * sum(i + o + 1 for i, o in sizes) + head).all()
+        assert (rows["planned_budget_params"] == CONFIG.r * sum(i + o + 1 for i, o in sizes) + head).all()
+        for seed, final in zip(rows["seed"], rows["budget_params"]):  # sum_k r_k (d_in + d_out + 1), r_k kept
+            kept = results.ranks[method][str(seed)]
+            assert final == sum(kept[n] * (i + o + 1) for n, (i, o) in zip(names, sizes)) + head
+        assert (rows["trainable_params"] > rows["budget_params"]).all()
 
 
 def test_4bit_arms_store_a_smaller_base_and_16bit_arms_store_every_weight_and_buffer(results):
@@ -263,6 +303,20 @@ def test_adalora_final_ranks_sum_to_the_target_budget_on_every_adapted_matrix(re
             assert list(ranks) == names
             assert all(0 <= r <= CONFIG.init_r for r in ranks.values())
             assert sum(ranks.values()) == CONFIG.r * len(names)
+
+
+def test_final_budget_of_an_adalora_run_on_matrices_of_two_widths_counts_the_ranks_it_kept():
+    task = tiny_task()
+    task = Task(task.name, task.description, task.load_model, task.loaders, task.evaluate, tuple(BERT_MATRICES),
+                task.trainable_modules, task.device)  # FFN matrices are 16 x 24 and 24 x 16, attention 16 x 16
+    row, _, _, ranks = run_one("adalora", 0, task, CONFIG)
+    model = tiny_bert()
+    layers = adapted_layers(model, BERT_MATRICES)
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert sum(ranks.values()) == CONFIG.r * len(layers)
+    assert row["planned_budget_params"] == CONFIG.r * sum(i + o + 1 for i, o in layers.values()) + head
+    assert row["budget_params"] == sum(ranks[n] * (i + o + 1) for n, (i, o) in layers.items()) + head
+    assert row["budget_params"] != row["planned_budget_params"]  # this seed moves ranks between widths
 
 
 def test_curves_have_one_row_per_evaluation_and_losses_one_per_step(results):
@@ -333,6 +387,11 @@ def test_table_writes_accuracy_as_mean_plus_minus_std(results):
         acc = 100 * results.runs.loc[results.runs["method"] == method, "test_accuracy"].to_numpy()
         assert table.loc[LABELS[method], "held-out test acc. (%)"] == f"{acc.mean():.1f} ± {acc.std(ddof=1):.1f}"
     assert table.loc[LABELS["full"], "trainable params"] == f"{results.runs['trainable_params'].iloc[0]:,}"
+    for method in METHODS:
+        runs = results.runs[results.runs["method"] == method]
+        assert table.loc[LABELS[method], "planned budget"] == f"{runs['planned_budget_params'].iloc[0]:,}"
+        low, high = runs["budget_params"].min(), runs["budget_params"].max()
+        assert table.loc[LABELS[method], "final budget"] == (f"{low:,}" if low == high else f"{low:,}-{high:,}")
 
 
 def test_a_runs_table_without_a_measured_column_is_refused(results):

@@ -1,17 +1,25 @@
 """Run full fine-tuning, LoRA, AdaLoRA, QLoRA and QLoRA + AdaLoRA on one :class:`~.tasks.Task`.
 
 Fair by construction: every arm gets the same task object (model loader, batches, metric), the same
-number of optimizer steps, the same seeds, and -- for the four adapter methods -- the same
-*trainable-parameter budget*, which :func:`check_budgets` enforces before anything trains:
+number of optimizer steps, the same seeds, and -- for the four adapter methods -- the same *planned*
+trainable-parameter budget, which :func:`check_budgets` enforces before anything trains
+(:func:`trainable_budget`):
 
 - LoRA / QLoRA at rank ``r``: ``r * sum(d_in + d_out)`` over the adapted matrices;
 - AdaLoRA / QLoRA + AdaLoRA at ``target_r``: ``target_r * sum(d_in + d_out + 1)`` (P column, Q row and
-  lambda per triplet), the budget the paper compares at (AdaLoRA §4, Table 1: 1.27M vs LoRA 1.33M).
-  AdaLoRA *starts* with ``init_r`` triplets per matrix and prunes to this budget; both counts are
-  reported (``trainable_params`` at the start, ``budget_params`` at the end).
+  lambda per triplet), i.e. ``target_r`` triplets on *every* matrix, the budget the paper compares at
+  (AdaLoRA §4, Table 1: 1.27M vs LoRA 1.33M).
+
+AdaLoRA's *final* budget is that planned one only if its ranks end uniform. It allocates a total of
+``target_r * n_matrices`` triplets, but moves them between matrices of different widths, so what it
+keeps is ``sum_k r_k (d_in,k + d_out,k + 1)`` (:func:`kept_budget`), which can be above or below the
+plan. The runs table reports all three counts: ``trainable_params`` at the start (``init_r`` per
+matrix), ``planned_budget_params`` (the one checked) and ``budget_params``, the final budget counted
+from the ranks each matrix kept (for LoRA, all three are equal).
 
 The adapters are the course's tested code: LoRA is PEFT's, AdaLoRA the companion's (equal to PEFT's
-step for step, Chapter 3, and free of PEFT 0.21.2's trainable ``ranknum`` on 16-bit bases); the arms
+step for step, Chapter 3, and free of the trainable ``ranknum`` that PEFT 0.21.2 creates whenever it
+moves an adapter to its base layer's dtype or device); the arms
 are built by :func:`companion.adalora.prepare_variant`, as in the Chapter 3 ablation. The 4-bit arms
 load the base in NF4 with double quantization (QLoRA §3) and go through
 ``peft.prepare_model_for_kbit_training`` without gradient checkpointing, which no arm uses.
@@ -111,26 +119,50 @@ class BenchConfig:
                                 orth_reg_weight=self.orth_reg_weight)
 
 
-def adapted_shapes(model: nn.Module, target_modules) -> list[tuple[int, int]]:
-    """(d_in, d_out) of every linear layer an adapter will wrap (PEFT's name-matching rule)."""
-    shapes = [(m.in_features, m.out_features) for n, m in model.named_modules()
-              if n and _matches(n, list(target_modules)) and (isinstance(m, nn.Linear) or is_linear4bit(m))]
-    if not shapes:
+def adapted_layers(model: nn.Module, target_modules) -> dict[str, tuple[int, int]]:
+    """``{module name: (d_in, d_out)}`` of every linear layer an adapter will wrap (PEFT's name-matching
+    rule), in module order; 4-bit layers report their unpacked sizes."""
+    layers = {n: (m.in_features, m.out_features) for n, m in model.named_modules()
+              if n and _matches(n, list(target_modules)) and (isinstance(m, nn.Linear) or is_linear4bit(m))}
+    if not layers:
         raise ValueError(f"no linear layer matches target_modules={list(target_modules)}")
-    return shapes
+    return layers
+
+
+def adapted_shapes(model: nn.Module, target_modules) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every linear layer an adapter will wrap, in module order (:func:`adapted_layers`)."""
+    return list(adapted_layers(model, target_modules).values())
 
 
 def trainable_budget(method: str, shapes: list[tuple[int, int]], rank: int) -> int:
-    """Adapter parameters at the end of training (see the module docstring); 0 for full fine-tuning."""
+    """The *planned* adapter budget, ``rank`` on every matrix (see the module docstring): what
+    :func:`check_budgets` compares before training; 0 for full fine-tuning. For AdaLoRA this is the final
+    budget only if every matrix ends at ``rank``; :func:`kept_budget` counts the real one."""
     if method == "full":
         return 0
     extra = 1 if method.endswith("adalora") else 0  # lambda_i
     return rank * sum(d_in + d_out + extra for d_in, d_out in shapes)
 
 
+def kept_budget(layers: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
+    """AdaLoRA's final budget: ``sum_k r_k (d_in,k + d_out,k + 1)`` adapter parameters, ``r_k`` the
+    triplets matrix ``k`` keeps (non-zero lambda, ``RankAllocator.ranks()``; PEFT's ``rank_pattern``),
+    ``layers`` from :func:`adapted_layers`. It is the size of the adapter PEFT saves after allocation
+    (``get_peft_model_state_dict`` cuts P, Q and lambda to the rank pattern).
+
+    Raises ``ValueError`` when the two dicts do not name the same matrices or a rank is negative."""
+    if set(layers) != set(ranks):
+        raise ValueError(f"ranks and layers must name the same matrices; only in ranks: "
+                         f"{sorted(set(ranks) - set(layers))}, only in layers: {sorted(set(layers) - set(ranks))}")
+    if negative := {n: r for n, r in ranks.items() if r < 0}:
+        raise ValueError(f"ranks count kept triplets and cannot be negative, got {negative}")
+    return sum(ranks[n] * (d_in + d_out + 1) for n, (d_in, d_out) in layers.items())
+
+
 def check_budgets(budgets: dict[str, int], tolerance: float) -> None:
-    """Refuse adapter methods whose trainable budgets differ by more than ``tolerance`` (relative to the
-    smallest), and say by how much."""
+    """Refuse adapter methods whose planned budgets (:func:`trainable_budget`) differ by more than
+    ``tolerance`` (relative to the smallest), and say by how much. Runs before training, so it cannot see
+    where AdaLoRA will move its ranks: the final budgets are reported, not checked."""
     budgets = {m: b for m, b in budgets.items() if m != "full"}
     if len(budgets) < 2:
         return
@@ -154,7 +186,8 @@ def _importance_tensors(run: PreparedRun) -> list[torch.Tensor]:
 
 def build_arm(method: str, task: Task, config: BenchConfig, seed: int) -> tuple[PreparedRun, int, int]:
     """A fresh base model turned into ``method``'s arm; also returns the stored bytes of the base model
-    and the arm's trainable budget (:func:`trainable_budget`; for full fine-tuning, all parameters)."""
+    and the arm's planned budget (:func:`trainable_budget` plus the trained head; for full fine-tuning, all
+    parameters)."""
     quantized = method.startswith("qlora")
     torch.manual_seed(seed)
     model = task.load_model(seed, quantized)
@@ -179,7 +212,7 @@ def build_arm(method: str, task: Task, config: BenchConfig, seed: int) -> tuple[
 
 def run_one(method: str, seed: int, task: Task, config: BenchConfig, *, progress: bool = False):
     """Train one arm; returns (row of results, validation curve rows, loss rows, final ranks or None)."""
-    run, base_bytes, budget = build_arm(method, task, config, seed)
+    run, base_bytes, planned = build_arm(method, task, config, seed)
     trainable = trainable_parameters(run.model)
     peak = {}
 
@@ -204,17 +237,22 @@ def run_one(method: str, seed: int, task: Task, config: BenchConfig, *, progress
     steps = log.frame()
     timed = steps.loc[(steps["step"] > 1) & (steps["step"] != config.peak_step), "seconds"]
     seconds = timed if len(timed) else steps["seconds"]
+    ranks, final = None, planned
+    if run.allocator is not None:  # the plan put target_r triplets on every matrix; count what each one kept
+        ranks = run.allocator.ranks()
+        layers = {n: (layer.in_features, layer.out_features) for n, layer in run.allocator.layers.items()}
+        uniform = trainable_budget(method, list(layers.values()), config.rank(method))
+        final = planned - uniform + kept_budget(layers, ranks)
     row = {"method": method, "seed": seed, "val_accuracy": evals["val_accuracy"].iloc[-1],
            "test_accuracy": task.evaluate(run.model.eval(), "test"),
            "steps_to_target": float(reached.iloc[0]) if len(reached) else math.nan,
            "seconds_per_step": float(seconds.median()),
            "peak_memory_bytes": peak["meter"].peak_bytes, "trainable_params": trainable,
-           "budget_params": budget,
+           "planned_budget_params": planned, "budget_params": final,
            "base_storage_bytes": base_bytes}
     curve = [{"method": method, "seed": seed, **r} for r in evals.to_dict("records")]
     losses = [{"method": method, "seed": seed, "step": r["step"], "loss": r["loss"]}
               for r in log.frame().to_dict("records")]
-    ranks = run.allocator.ranks() if run.allocator is not None else None
     return row, curve, losses, ranks
 
 

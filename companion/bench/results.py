@@ -19,7 +19,8 @@ FILES = {"runs": "runs.csv", "curves": "curves.csv", "losses": "losses.csv"}
 LABELS = {"full": "Full fine-tuning", "lora": "LoRA", "adalora": "AdaLoRA", "qlora": "QLoRA (NF4 + DQ)",
           "qlora-adalora": "QLoRA + AdaLoRA"}
 RUN_COLUMNS = ("method", "seed", "val_accuracy", "test_accuracy", "steps_to_target", "seconds_per_step",
-               "peak_memory_bytes", "trainable_params", "budget_params", "base_storage_bytes")
+               "peak_memory_bytes", "trainable_params", "planned_budget_params", "budget_params",
+               "base_storage_bytes")
 
 
 @dataclass
@@ -58,7 +59,11 @@ class BenchResults:
         return cls(**tables, ranks=extra["ranks"], meta=extra["meta"])
 
     def summary(self) -> pd.DataFrame:
-        """One row per method: means and standard deviations over seeds (sample std, ddof=1)."""
+        """One row per method: means and standard deviations over seeds (sample std, ddof=1).
+
+        ``planned budget params`` is the budget the harness checked before training (``target_r`` on every
+        matrix); ``budget params`` is the mean final budget over the seeds, counted from the ranks each
+        matrix kept, with its ``min`` and ``max`` (AdaLoRA's ranks, and so its final budget, vary by seed)."""
         g = self.runs.groupby("method", sort=False)
         table = pd.DataFrame({
             "val acc mean (%)": 100 * g["val_accuracy"].mean(), "val acc std": 100 * g["val_accuracy"].std(),
@@ -67,7 +72,10 @@ class BenchResults:
             "reached target": g["steps_to_target"].apply(lambda s: f"{s.notna().sum()}/{len(s)}"),
             "ms per step": 1e3 * g["seconds_per_step"].median(),
             "peak MB": g["peak_memory_bytes"].mean() / 1e6,
-            "trainable params": g["trainable_params"].first(), "budget params": g["budget_params"].first(),
+            "trainable params": g["trainable_params"].first(),
+            "planned budget params": g["planned_budget_params"].first(),
+            "budget params": g["budget_params"].mean(), "budget params min": g["budget_params"].min(),
+            "budget params max": g["budget_params"].max(),
             "base model MB": g["base_storage_bytes"].first() / 1e6})
         table.index = [LABELS.get(m, m) for m in table.index]
         table.index.name = "method"
@@ -85,7 +93,9 @@ class BenchResults:
         out["ms / step"] = s["ms per step"].map("{:.0f}".format)
         out["peak memory (MB)"] = s["peak MB"].map("{:.1f}".format)
         out["trainable params"] = s["trainable params"].map("{:,}".format)
-        out["final budget"] = s["budget params"].map("{:,}".format)
+        out["planned budget"] = s["planned budget params"].map("{:,}".format)
+        out["final budget"] = [f"{low:,}" if low == high else f"{low:,}-{high:,}"
+                               for low, high in zip(s["budget params min"], s["budget params max"])]
         out["base model (MB)"] = s["base model MB"].map("{:.1f}".format)
         return out
 

@@ -1,0 +1,68 @@
+"""Busy machines: every way the course runs starts PyTorch with sleeping, not spinning, OpenMP threads.
+
+The cause of the slowdown (``benchmarks/bench_busy.py`` measures it) is GNU OpenMP's spin-waiting, which
+``OMP_WAIT_POLICY=PASSIVE`` switches off. libgomp reads it once, when torch loads, so each run path must
+set it before that: ``import companion`` (a reader's own Jupyter), the kernel spec that papermill and the
+book build start (installed by the Makefile), and the Makefile's own environment.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _python(code: str, **env_changes) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(env_changes)
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True,
+                          check=True)
+
+
+def test_import_companion_before_torch_sets_passive_wait_policy():
+    out = _python("import os, companion, torch; print(os.environ['OMP_WAIT_POLICY'])")
+    assert out.stdout.strip() == "PASSIVE"
+    assert "RuntimeWarning" not in out.stderr
+
+
+def test_import_companion_keeps_a_wait_policy_the_user_set():
+    out = _python("import os, companion; print(os.environ['OMP_WAIT_POLICY'])", OMP_WAIT_POLICY="ACTIVE")
+    assert out.stdout.strip() == "ACTIVE"
+
+
+def test_import_companion_after_torch_warns_how_to_fix_it():
+    out = _python("import torch, companion")
+    assert "imported before companion" in out.stderr and "OMP_WAIT_POLICY=PASSIVE" in out.stderr
+
+
+def test_makefile_sets_passive_for_tests_notebooks_and_the_kernel_it_installs():
+    makefile = (ROOT / "Makefile").read_text()
+    offline = next(line for line in makefile.splitlines() if line.startswith("OFFLINE :="))
+    assert "OMP_WAIT_POLICY=PASSIVE" in offline
+    assert "ipykernel install --sys-prefix --name python3 --env OMP_WAIT_POLICY PASSIVE" in makefile
+
+
+def test_the_kernel_papermill_and_the_book_start_has_passive_wait_policy():
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert spec.env.get("OMP_WAIT_POLICY") == "PASSIVE", (
+        f"kernel spec {spec.resource_dir} lacks OMP_WAIT_POLICY=PASSIVE: run `make` (it installs the kernel with "
+        "--env OMP_WAIT_POLICY PASSIVE)")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_notebook_imports_companion_before_torch(path):
+    """A reader's own Jupyter has no kernel-spec setting: the notebook's first code cell imports companion."""
+    nb = json.loads(path.read_text())
+    first = "".join(next(c for c in nb["cells"] if c["cell_type"] == "code")["source"])
+    lines = [line.strip() for line in first.splitlines()]
+    at = [i for i, line in enumerate(lines) if line.split("#")[0].strip() == "import companion"]
+    assert at, f"{path.name}: the first code cell must `import companion` (before anything imports torch)"
+    torch_lines = [i for i, line in enumerate(lines) if line.startswith(("import torch", "from torch"))]
+    assert not torch_lines or at[0] < torch_lines[0]
