@@ -433,3 +433,8 @@ def test_instruction_task_trains_a_tiny_llama_and_scores_exact_match(method):
     assert 0 <= row["val_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
     assert [c["step"] for c in curve] == [2] and len(losses) == 2 and ranks is None
     assert row["peak_memory_bytes"] > 0 and not math.isnan(losses[-1]["loss"])
+
+
+def test_an_adalora_arm_whose_target_r_equals_init_r_is_refused_naming_both():
+    with pytest.raises(ValueError, match=r"target_r = 6 must lie in \[1, init_r = 6\).*for a fixed rank use LoRA"):
+        BenchConfig(init_r=6, r=6)

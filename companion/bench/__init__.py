@@ -10,11 +10,11 @@
     results.table()
 """
 
-from .harness import (ADAPTER_METHODS, METHODS, BenchConfig, adapted_shapes, build_arm, check_budgets, run_benchmark,
-                      run_one, trainable_budget)
+from .harness import (ADAPTER_METHODS, METHODS, BenchConfig, adapted_shapes, build_arm, check_budgets, kept_budget,
+                      run_benchmark, run_one, trainable_budget)
 from .results import LABELS, BenchResults, plot_accuracy_vs_memory, plot_learning_curves, plot_rank_heatmaps
 from .tasks import Task, instruction_task, sentiment_task
 
 __all__ = ["ADAPTER_METHODS", "LABELS", "METHODS", "BenchConfig", "BenchResults", "Task", "adapted_shapes",
-           "build_arm", "check_budgets", "instruction_task", "plot_accuracy_vs_memory", "plot_learning_curves",
+           "build_arm", "check_budgets", "instruction_task", "kept_budget", "plot_accuracy_vs_memory", "plot_learning_curves",
            "plot_rank_heatmaps", "run_benchmark", "run_one", "sentiment_task", "trainable_budget"]

@@ -95,8 +95,9 @@ class BenchConfig:
             raise ValueError(f"budget_tolerance is a fraction in [0, 1), got {self.budget_tolerance}")
         TrainConfig(max_steps=self.max_steps)  # validates max_steps
         for method in (m for m in self.methods if m.endswith("adalora")):
-            if not 1 <= self.rank(method) <= self.init_r:
-                raise ValueError(f"{method}'s target_r = {self.rank(method)} must lie in [1, init_r = {self.init_r}]")
+            if not 1 <= self.rank(method) < self.init_r:
+                raise ValueError(f"{method}'s target_r = {self.rank(method)} must lie in [1, init_r = {self.init_r}): "
+                                 "AdaLoRA starts at init_r and must have ranks to remove (for a fixed rank use LoRA)")
             # caught here, not after the other arms have trained
             check_schedule(init_budget=self.init_r, target_budget=self.rank(method), tinit=self.tinit,
                            tfinal=self.tfinal, total_step=self.max_steps, deltaT=self.deltaT)
