@@ -16,6 +16,22 @@ class Toy(torch.nn.Module):
         return self.head(torch.relu(self.lin1(torch.relu(self.lin0(x)))))
 
 
+def assert_same_bf16_forward_and_gradients(ours, reference):
+    """Give both layers PEFT's A, B and one random Lambda; bf16 outputs and adapter gradients must be equal."""
+    with torch.no_grad():
+        for part in ("lora_A", "lora_B"):
+            getattr(ours, part).copy_(getattr(reference, part)["default"])
+        ours.lora_E.normal_()
+        reference.lora_E["default"].copy_(ours.lora_E)
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
+    y_ref, y = reference(x), ours(x)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y_ref.float().sum().backward()
+    y.float().sum().backward()
+    for part in ("lora_A", "lora_B", "lora_E"):
+        assert torch.equal(getattr(ours, part).grad, getattr(reference, part)["default"].grad), part
+
+
 def twin_toys(init_r=4, lora_alpha=8, seed=0):
     """(PEFT AdaLoRA toy, companion toy) with identical base weights and identical adapters."""
     torch.manual_seed(seed)
@@ -143,18 +159,7 @@ def test_a_4bit_base_gives_the_same_output_and_gradients_as_peft_svdlinear4bit()
     ours = SVDLinear(reference.base_layer, init_r=4, lora_alpha=8)
     # get_peft_model upcasts the adapter to float32; ours is created in float32
     assert ours.quantized and ours.lora_A.dtype == reference.lora_A["default"].dtype == torch.float32
-    with torch.no_grad():
-        for part in ("lora_A", "lora_B"):
-            getattr(ours, part).copy_(getattr(reference, part)["default"])
-        ours.lora_E.normal_()
-        reference.lora_E["default"].copy_(ours.lora_E)
-    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)
-    y_ref, y = reference(x), ours(x)
-    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
-    y_ref.float().sum().backward()
-    y.float().sum().backward()
-    for part in ("lora_A", "lora_B", "lora_E"):
-        assert torch.equal(getattr(ours, part).grad, getattr(reference, part)["default"].grad), part
+    assert_same_bf16_forward_and_gradients(ours, reference)
     assert not any(b.requires_grad for b in ours.buffers())  # ranknum is a buffer: it can never train
     with pytest.raises(TypeError, match="4-bit"):
         ours.merge()
@@ -227,18 +232,7 @@ def test_over_the_companion_linear4bit_svdlinear_computes_what_peft_svdlinear4bi
     reference = get_peft_model(theirs_model, config).base_model.model[0]
     assert isinstance(reference, SVDLinear4bit)
     ours = SVDLinear(ours_base, init_r=4, lora_alpha=8)
-    with torch.no_grad():
-        for part in ("lora_A", "lora_B"):
-            getattr(ours, part).copy_(getattr(reference, part)["default"])
-        ours.lora_E.normal_()
-        reference.lora_E["default"].copy_(ours.lora_E)
-    x = torch.randn(3, 5, 64, dtype=torch.bfloat16)  # bf16 in, float32 adapter: PEFT SVDLinear4bit's dtype handling
-    y_ref, y = reference(x), ours(x)
-    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
-    y_ref.float().sum().backward()
-    y.float().sum().backward()
-    for part in ("lora_A", "lora_B", "lora_E"):
-        assert torch.equal(getattr(ours, part).grad, getattr(reference, part)["default"].grad), part
+    assert_same_bf16_forward_and_gradients(ours, reference)  # bf16 in, float32 adapter: PEFT SVDLinear4bit's handling
 
 
 def test_copying_peft_weights_is_verified_on_layer_outputs_not_on_the_tensors():
