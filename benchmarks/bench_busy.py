@@ -6,11 +6,12 @@ so that the OpenMP settings are those the process starts with, as in a notebook 
 
 Two OpenMP set-ups are compared:
 
-- **before**: ``torch`` is imported before anything sets ``OMP_WAIT_POLICY``, as in the course before
+- **before**: ``torch`` is imported before anything sets ``GOMP_SPINCOUNT``, as in the course before
   the fix. GNU OpenMP (the ``libgomp`` that PyTorch's Linux wheels bundle) then lets a thread that
   reaches a barrier spin for about 300,000 iterations before it sleeps.
-- **after**: ``import companion`` comes first and sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the user set
-  it), so waiting threads sleep at once and hand their core to whoever needs it.
+- **after**: ``import companion`` comes first and sets ``GOMP_SPINCOUNT=3000`` (unless the user set it or
+  ``OMP_WAIT_POLICY``), so a waiting thread spins briefly, then sleeps and hands its core to whoever
+  needs it.
 
 Each set-up is timed alone and beside two neighbours that keep both cores busy: a second course
 notebook (a torch process with two threads doing matrix products, same OpenMP set-up as the workload)
@@ -35,7 +36,7 @@ WORKLOAD = r"""
 import sys, time
 if sys.argv[1] == "before":
     import torch  # libgomp reads its settings now, before the companion can set any
-import companion  # "after": sets OMP_WAIT_POLICY=PASSIVE before torch starts
+import companion  # "after": sets GOMP_SPINCOUNT=3000 before torch starts
 import torch
 from peft import LoraConfig, get_peft_model
 from companion.data import sentiment_dataloaders

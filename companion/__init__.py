@@ -22,13 +22,16 @@ One module per concept, in the order the book teaches them:
 
 Submodules are imported on demand, so ``import companion`` stays cheap.
 
-**Sharing the CPU.** Importing the package sets ``OMP_WAIT_POLICY=PASSIVE`` unless you set it yourself.
-PyTorch's CPU kernels run on GNU OpenMP threads, which by default spin for a while at every barrier
-instead of sleeping. Alone that is harmless; beside another CPU-bound program (a second notebook, a
-browser tab) a spinning thread holds a core the other program needs, and a training cell runs ten or
-more times slower instead of twice (``python -m benchmarks busy`` measures it). OpenMP reads the
-setting once, when ``torch`` is first imported, so the notebooks import ``companion`` first; if
-``torch`` was imported before and the variable is unset, a warning says how to get the setting.
+**Sharing the CPU.** Importing the package sets ``GOMP_SPINCOUNT=3000`` unless you set it or
+``OMP_WAIT_POLICY`` yourself. PyTorch's CPU kernels run on GNU OpenMP threads, which by default spin
+for about 300,000 iterations at every barrier before they sleep. Alone that is fast; beside another
+CPU-bound program (a second notebook, a browser tab) a spinning thread holds a core the other program
+needs, and a training cell runs four to fifteen times slower instead of twice. A short spin keeps most
+of the speed of spinning alone and gives the core back when it is contended; ``OMP_WAIT_POLICY=PASSIVE``
+(never spin) is fairer still but makes the course's small models about twice as slow on an idle
+machine (``python -m benchmarks busy`` measures all of it). OpenMP reads the setting once, when
+``torch`` is first imported, so the notebooks import ``companion`` first; if ``torch`` was imported
+before and nothing is set, a warning says how to get the setting.
 """
 
 import os as _os
@@ -37,12 +40,14 @@ import warnings as _warnings
 
 __version__ = "0.1.0"
 
-OMP_WAIT_POLICY = "PASSIVE"  # waiting OpenMP threads sleep instead of spinning (see above)
+GOMP_SPINCOUNT = "3000"  # OpenMP barrier spins before a waiting thread sleeps (libgomp default: 300,000)
+_SET_BY_USER = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
 
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
-elif "OMP_WAIT_POLICY" not in _os.environ:
-    _warnings.warn("torch was imported before companion, so its OpenMP threads keep spinning while they wait: "
-                   "beside another busy program training can run 10x slower. Import companion before torch "
-                   "(a fresh kernel), or set OMP_WAIT_POLICY=PASSIVE in the environment that starts Jupyter.",
-                   RuntimeWarning, stacklevel=2)
+if not any(name in _os.environ for name in _SET_BY_USER):
+    if "torch" not in _sys.modules:
+        _os.environ["GOMP_SPINCOUNT"] = GOMP_SPINCOUNT
+    else:
+        _warnings.warn("torch was imported before companion, so its OpenMP threads keep spinning while they wait: "
+                       "beside another busy program training can run 10x slower. Import companion before torch "
+                       f"(a fresh kernel), or set GOMP_SPINCOUNT={GOMP_SPINCOUNT} in the environment that starts "
+                       "Jupyter.", RuntimeWarning, stacklevel=2)

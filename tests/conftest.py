@@ -6,4 +6,5 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: share the cores (companion/__init__.py)
+if "OMP_WAIT_POLICY" not in os.environ:  # before torch loads: share the cores (companion/__init__.py)
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
