@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/ch*.ipynb")
     parser.add_argument("--profile", choices=("ci", "gpu"), default="ci")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (as _config.yml)")
     parser.add_argument("--out", type=Path, default=None, help="default: _build/executed/<profile>")
     args = parser.parse_args(argv)
     notebooks = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("ch*.ipynb"))
