@@ -61,3 +61,19 @@ def test_gpu_profile_without_cuda_stops_in_the_setup_cell(path, tmp_path):
     failed = [i for i, c in enumerate(code_cells(ran)) if any(o.get("output_type") == "error" for o in c.outputs)]
     injected = [i for i, c in enumerate(code_cells(ran)) if "injected-parameters" in c.metadata.get("tags", [])]
     assert failed == [injected[0] + 1], "the gpu profile must stop in the cell right after the parameters"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_sees_every_name_the_parameters_cell_assigns(path):
+    """papermill drops a line it cannot parse (a tuple assignment, a comment holding ``=`` or ``:``),
+    then warns "Passed unknown parameter" when a reader sets that name: the cell must parse whole."""
+    import ast
+
+    import papermill
+
+    cells = code_cells(nbformat.read(path, as_version=4))
+    params = next(c.source for c in cells if "parameters" in c.metadata.get("tags", []))
+    assigned = [node.targets[0].id for node in ast.parse(params).body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)]
+    assert len(assigned) == len(ast.parse(params).body), "one `NAME = value  # comment` per line"
+    assert list(papermill.inspect_notebook(str(path))) == assigned
