@@ -32,3 +32,19 @@ class PlainText(str):
 
     def _repr_pretty_(self, printer, cycle):
         printer.text(str(self))
+
+
+def claim(holds: bool, statement: str, profile) -> bool:
+    """Check a sentence of the chapter against this run's numbers; return ``holds``.
+
+    ``profile`` is the :class:`companion.profiles.Profile` of the run. The book is built from the
+    ``ci`` profile, so there a claim that does not hold raises ``AssertionError(statement)``: the prose
+    would be wrong. A ``gpu`` run (other models, data, step counts) is the reader's own experiment,
+    not the book's: a claim that does not hold there prints a note saying so instead of stopping
+    the notebook. Checks of correctness (bit-exactness, shapes, byte counts) stay plain ``assert``.
+    """
+    if not holds:
+        if profile.is_ci:
+            raise AssertionError(statement)
+        print(f"Note: in this {profile.name} run, the chapter's statement does not hold: {statement}")
+    return bool(holds)
