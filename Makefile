@@ -1,13 +1,17 @@
 # Two entry points, both usable on a fresh machine with Python 3.11:
 #   make book   -> .venv/, pinned deps, every notebook executed in the `ci` profile, _build/html/
-#   make test   -> .venv/ (created or reused), companion tests, notebooks in `ci`, book build -W
+#   make test   -> .venv/ (created or reused), companion tests, notebooks in `ci`, book build -W,
+#                  nbval's second run of the cells marked NBVAL_CHECK_OUTPUT, the gpu-profile rehearsal
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := GOMP_SPINCOUNT=3000 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 
-.PHONY: book test unit notebooks bench clean
+.PHONY: book test unit notebooks determinism rehearsal bench clean
+
+# Notebooks with cells marked `# NBVAL_CHECK_OUTPUT`: nbval runs their executed ci copies again and compares.
+DETERMINISM := $(notdir $(shell grep -l '"# NBVAL_CHECK_OUTPUT' notebooks/ch*.ipynb))
 
 $(STAMP): requirements/lock.txt pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +30,16 @@ unit: $(STAMP)
 notebooks: $(STAMP)
 	$(OFFLINE) $(BIN)/python scripts/run_notebooks.py --profile ci
 
-test: unit notebooks book
+# Needs the executed copies that `notebooks` writes; a second run of each, compared cell by cell where marked.
+determinism: notebooks
+	cd _build/executed/ci && $(OFFLINE) $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider -o addopts= \
+		--rootdir=. --nbval-lax --nbval-cell-timeout=900 -q $(DETERMINISM)
+
+# Every notebook's gpu branch on this CPU: stand-in hub models and data sets, T4 float16 (and RTX bfloat16).
+rehearsal: $(STAMP)
+	$(OFFLINE) $(BIN)/python -m tests.rehearsal.run
+
+test: unit notebooks book determinism rehearsal
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m benchmarks
