@@ -88,7 +88,17 @@ def store_in_book_cache(executed: Path, source: Path) -> None:
                                                 check_validity=False, overwrite=True)
 
 
-def run(notebooks: list[Path], profile: str, out_dir: Path, timeout: int) -> list[dict]:
+def gpu_timeout(nb: Path, floor: int = 900, factor: float = 3.0) -> int:
+    """Seconds per cell for a ``gpu`` run: ``factor`` x the notebook's T4 estimate of its defaults
+    (``companion.budget_plans``), and at least ``floor``: no cell may take longer than three times
+    the estimate of the whole notebook."""
+    from companion.budget_plans import notebook_estimate, notebook_parameters
+
+    minutes = notebook_estimate(nb.stem, **notebook_parameters(nb)).minutes
+    return max(floor, round(factor * 60 * minutes))
+
+
+def run(notebooks: list[Path], profile: str, out_dir: Path, timeout: int | None) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for nb in notebooks:
@@ -97,12 +107,13 @@ def run(notebooks: list[Path], profile: str, out_dir: Path, timeout: int) -> lis
             raise SystemExit(f"{nb}: no `PROFILE = ...` line in a cell tagged 'parameters'")
         params = {} if profile == default else {"PROFILE": profile}
         target = out_dir / nb.name
-        print(f"[{profile}] {nb.relative_to(ROOT)} ...", flush=True)
+        cell_timeout = timeout or (gpu_timeout(nb) if profile == "gpu" else 1800)
+        print(f"[{profile}] {nb.relative_to(ROOT)} (cell timeout {cell_timeout} s) ...", flush=True)
         start, status = time.perf_counter(), "ok"
         with PeakRSS() as mem:
             try:
                 papermill.execute_notebook(str(nb), str(target), parameters=params, cwd=str(nb.parent),
-                                           execution_timeout=timeout, progress_bar=False,
+                                           execution_timeout=cell_timeout, progress_bar=False,
                                            kernel_name="python3")
             except Exception as err:  # papermill marks the failing cell in the output notebook
                 status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -119,7 +130,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/ch*.ipynb")
     parser.add_argument("--profile", choices=("ci", "gpu"), default="ci")
-    parser.add_argument("--timeout", type=int, default=1800, help="seconds per cell (as _config.yml)")
+    parser.add_argument("--timeout", type=int, default=None,
+                        help="seconds per cell; default 1800 in ci (as _config.yml), in gpu 3x the notebook's T4 estimate")
     parser.add_argument("--out", type=Path, default=None, help="default: _build/executed/<profile>")
     args = parser.parse_args(argv)
     notebooks = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("ch*.ipynb"))
