@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := GOMP_SPINCOUNT=3000 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 
-.PHONY: book test unit notebooks determinism rehearsal bench clean
+.PHONY: book test unit notebooks determinism rehearsal floor bench clean
 
 # Notebooks with cells marked `# NBVAL_CHECK_OUTPUT`: nbval runs their executed ci copies again and compares.
 DETERMINISM := $(notdir $(shell grep -l '"# NBVAL_CHECK_OUTPUT' notebooks/ch*.ipynb))
@@ -39,7 +39,11 @@ determinism: notebooks
 rehearsal: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m tests.rehearsal.run
 
-test: unit notebooks book determinism rehearsal
+# The lowest versions pyproject.toml admits (requirements/floor.txt, .venv-floor/): unit tests + Chapter 5 rehearsal.
+floor:
+	PYTHON=$(PYTHON) scripts/floor_env.sh --test
+
+test: unit notebooks book determinism rehearsal floor
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m benchmarks

@@ -77,3 +77,23 @@ def test_papermill_sees_every_name_the_parameters_cell_assigns(path):
                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)]
     assert len(assigned) == len(ast.parse(params).body), "one `NAME = value  # comment` per line"
     assert list(papermill.inspect_notebook(str(path))) == assigned
+
+
+LOCK = Path(__file__).resolve().parents[1] / "requirements" / "lock.txt"
+COLAB_PINNED = ("transformers", "peft", "bitsandbytes", "accelerate", "trl", "datasets", "sentencepiece", "protobuf")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_colab_install_cell_pins_the_versions_ci_tests_and_is_valid_ipython(path):
+    """Colab images move on; the install cell pins the libraries whose APIs the notebooks call to the lock."""
+    import ast
+    import re
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    lock = dict(line.split("==") for line in LOCK.read_text().splitlines() if "==" in line and not line.startswith("#"))
+    install = code_cells(nbformat.read(path, as_version=4))[0].source
+    pins = dict(re.findall(r"\b([a-z][a-z0-9_-]*)==([0-9][^\s\"]*)", install))
+    assert {name: pins.get(name) for name in COLAB_PINNED} == {name: lock[name] for name in COLAB_PINNED}
+    assert "torch==" not in install, "Colab's CUDA build of torch stays"
+    ast.parse(TransformerManager().transform_cell(install))

@@ -8,7 +8,8 @@ Set by :mod:`tests.rehearsal.run` through the kernel spec's environment:
 * ``REHEARSAL_CWD`` -- the notebooks folder, so relative paths resolve as in the book.
 * ``HF_HUB_CACHE`` / ``HF_HUB_OFFLINE=1`` -- the stand-in checkpoints of :mod:`tests.rehearsal.hub`.
 
-``datasets.load_dataset`` is answered by :mod:`tests.rehearsal.data`. A training loss that is not finite
+``datasets.load_dataset`` is answered by :mod:`tests.rehearsal.data`; Llamas built from a large config are
+shrunk (:func:`tiny_llama_config`). A training loss that is not finite
 when ``backward()`` is called on it raises ``FloatingPointError`` in the notebook, so nbval fails that cell.
 The notebooks themselves are not changed: only their parameters are injected (papermill) before this runs.
 """
@@ -20,7 +21,7 @@ import os
 import companion  # noqa: F401  (first, so its CPU-sharing setting precedes torch's import)
 import datasets
 import torch
-from companion import profiles
+from companion import models, profiles
 
 from tests.rehearsal import data
 
@@ -59,3 +60,18 @@ def _checked_backward(self, *args, **kwargs):
 
 
 torch.Tensor.backward = _checked_backward
+
+_tiny_llama_config = models.tiny_llama_config
+
+
+def tiny_llama_config(**overrides):
+    """The Llamas a gpu branch builds from a config (ch04's 168M-parameter one), shrunk as the hub stand-ins
+    are: 2 layers, 8 dimensions per head, a 1,000-token vocabulary. Same classes and code path, CPU seconds."""
+    if overrides.get("hidden_size", 0) > 256:
+        heads = overrides.get("num_attention_heads", 4)
+        overrides.update(hidden_size=8 * heads, intermediate_size=16 * heads, num_hidden_layers=2,
+                         vocab_size=min(overrides.get("vocab_size", 1000), 1000))
+    return _tiny_llama_config(**overrides)
+
+
+models.tiny_llama_config = tiny_llama_config
