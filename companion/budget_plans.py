@@ -76,7 +76,7 @@ def ch03_adalora_practice(*, INIT_R, MAX_STEPS, BATCH_SIZE, **_):
 def ch03_adalora_ablation(*, SEEDS, MAX_STEPS, BATCH_SIZE, **_):
     batch = BATCH_SIZE or 16
     common = dict(model="deberta-v3-base", compute_dtype="float32", batch_size=batch, seq_len=64,
-                  steps=MAX_STEPS or 500, target_modules=DEBERTA_TARGETS,
+                  steps=MAX_STEPS or 400, target_modules=DEBERTA_TARGETS,
                   eval_batches=math.ceil(SST2_VALIDATION / batch))
     return [Run("five AdaLoRA arms x seeds", method="adalora", r=6, repeats=5 * len(SEEDS), **common),
             Run("LoRA arm x seeds, and once at the AdaLoRA rate", method="lora", r=4, repeats=len(SEEDS) + 1, **common)]
