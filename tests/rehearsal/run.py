@@ -30,7 +30,7 @@ CUTS = {
     "ch01_memory_wall": {"SEQ_LEN": 64},
     "ch02_adalora_theory": {"MAX_STEPS": 80, "BATCH_SIZE": 4},  # deltaT is 50 in gpu: two allocation steps
     "ch03_adalora_ablation": {"MAX_STEPS": 12, "BATCH_SIZE": 4, "SEEDS": [0]},
-    "ch03_adalora_practice": {"MAX_STEPS": 12, "BATCH_SIZE": 4},
+    "ch03_adalora_practice": {"MAX_STEPS": 80, "BATCH_SIZE": 4},  # deltaT is 50 in gpu: allocation steps happen
     "ch04_nf4_double_quant": {"N_GAUSSIAN": 2**14, "N_SENTENCES": 16},
     "ch04_paged_optimizers": {"STEPS": 2},
     "ch05_qlora_finetune": {"QLORA_STEPS": 34, "BATCH_SIZE": 4},  # warm-up ceil(0.03 x 34) = 2 steps; a 10-step log
