@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := GOMP_SPINCOUNT=3000 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 
-.PHONY: book test unit notebooks determinism rehearsal floor bench clean
+.PHONY: book test checks unit notebooks determinism rehearsal floor bench clean
 
 # Notebooks with cells marked `# NBVAL_CHECK_OUTPUT`: nbval runs their executed ci copies again and compares.
 DETERMINISM := $(notdir $(shell grep -l '"# NBVAL_CHECK_OUTPUT' notebooks/ch*.ipynb))
@@ -43,7 +43,12 @@ rehearsal: $(STAMP)
 floor:
 	PYTHON=$(PYTHON) scripts/floor_env.sh --test
 
-test: unit notebooks book determinism rehearsal floor
+# The two environments run side by side (the floor's install is mostly download); each chain is sequential.
+test: $(STAMP)
+	$(MAKE) -j2 checks floor
+
+checks: $(STAMP)
+	$(MAKE) -j1 unit notebooks book determinism rehearsal
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m benchmarks

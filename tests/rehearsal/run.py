@@ -5,8 +5,8 @@
     python -m tests.rehearsal.run --dtype bfloat16 notebooks/ch05_qlora_finetune.ipynb
 
 For each notebook and card: papermill injects ``PROFILE = "gpu"`` and the step cuts of :data:`CUTS` into a
-copy under ``_build/rehearsal/<dtype>/``; nbval executes the copy in a kernel whose spec (written under
-``_build/rehearsal/kernels/<env>``, found through ``JUPYTER_PATH``) starts :mod:`tests.rehearsal.launch`:
+copy under ``_build/rehearsal/<env>/<dtype>/``; nbval executes the copy in a kernel whose spec (written under
+``_build/rehearsal/<env>/kernels``, found through ``JUPYTER_PATH``) starts :mod:`tests.rehearsal.launch`:
 stand-in hub checkpoints (:mod:`tests.rehearsal.hub`), stand-in ``load_dataset`` (:mod:`tests.rehearsal.data`),
 the card's compute dtype, and a non-finite-loss trap. pytest reports pass/fail per cell; any failing cell
 fails the run. Exit status: pytest's.
@@ -15,6 +15,7 @@ fails the run. Exit status: pytest's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -22,7 +23,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-OUT = ROOT / "_build" / "rehearsal"
+# one folder per Python environment (.venv, .venv-floor): stand-ins built by that environment's transformers,
+# its kernel specs and parameterized copies, so two environments can rehearse at the same time
+OUT = ROOT / "_build" / "rehearsal" / hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
 
 # Step cuts through the parameters cell (item 2d of the rehearsal): the gpu branch with a few steps.
 CUTS = {
@@ -44,10 +47,8 @@ DTYPES = ("float16", "bfloat16")
 
 
 def kernels_dir() -> Path:
-    """Kernel specs of this Python environment (.venv and .venv-floor each get their own)."""
-    import hashlib
-
-    return OUT / "kernels" / hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
+    """Kernel specs of this Python environment, found through ``JUPYTER_PATH``."""
+    return OUT / "kernels"
 
 
 def kernel_spec(dtype: str, hub: Path) -> str:
