@@ -75,3 +75,8 @@ def tiny_llama_config(**overrides):
 
 
 models.tiny_llama_config = tiny_llama_config
+
+if DTYPE == torch.bfloat16:  # an RTX card has bf16: TrainingArguments(bf16=True) must not ask for use_cpu
+    import transformers.training_args
+
+    transformers.training_args.is_torch_bf16_gpu_available = lambda: True
