@@ -22,7 +22,9 @@ step for step, Chapter 3, and free of the trainable ``ranknum`` that PEFT 0.21.2
 moves an adapter to its base layer's dtype or device); the arms
 are built by :func:`companion.adalora.prepare_variant`, as in the Chapter 3 ablation. The 4-bit arms
 load the base in NF4 with double quantization (QLoRA §3) and go through
-``peft.prepare_model_for_kbit_training`` without gradient checkpointing, which no arm uses.
+``peft.prepare_model_for_kbit_training`` without gradient checkpointing, which no arm uses. Full
+fine-tuning trains every weight in float32; a base loaded in 16 bit is trained in mixed precision
+(:mod:`.precision`, as ``Trainer`` with ``fp16=True`` / ``bf16=True``).
 
 Measured per run: validation accuracy every ``eval_every`` steps (learning curve, steps to
 ``target_accuracy``), final validation and test accuracy, median seconds per step, the peak tensor
@@ -47,6 +49,7 @@ from ..adalora.layer import _matches, is_linear4bit
 from ..measure import stored_bytes, trainable_parameters
 from ..memtrack import PeakMemory, model_tensors, optimizer_device_tensors
 from ..train import TrainConfig, train
+from .precision import compute_dtype_of, mixed_precision_full_finetuning
 from .results import BenchResults
 from .tasks import Task
 
@@ -56,7 +59,8 @@ ADAPTER_METHODS = METHODS[1:]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One comparison; the defaults are the ``ci`` profile's (MiniLM, 80 steps, 3 seeds).
+    """One comparison; the defaults are a ``ci`` run on MiniLM (80 steps, 3 seeds); the Chapter 6 notebook's
+    ``ci`` profile runs the shorter :func:`ci_config` (60 steps) to keep the book build fast.
 
     ``lr`` per method: each method at a rate that trains it in this many steps (AdaLoRA's Lambda = 0
     and small Gaussian P, Q want a larger rate than LoRA's B = 0, Kaiming A; Chapter 3's ablation).
@@ -118,6 +122,31 @@ class BenchConfig:
                                 lr=self.lr[method], lora_lr=self.lr[method], total_step=self.max_steps,
                                 tinit=self.tinit, tfinal=self.tfinal, deltaT=self.deltaT,
                                 orth_reg_weight=self.orth_reg_weight)
+
+
+def ci_config(seeds=(0, 1, 2), max_steps: int = 60) -> BenchConfig:
+    """The Chapter 6 notebook's ``ci`` comparison: :class:`BenchConfig`'s MiniLM defaults (r = 4 from init_r = 6,
+    the per-method rates, tinit = 10, deltaT = 5) for ``max_steps`` steps with tfinal = ``max_steps // 5``: at 60
+    steps AdaLoRA budgets for 38 steps and keeps its ranks for the last 12."""
+    return BenchConfig(seeds=tuple(seeds), max_steps=max_steps, tfinal=max_steps // 5)
+
+
+GPU_LR = {"instructions": {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "adalora": 1e-3, "qlora-adalora": 1e-3},
+          "glue": {"full": 2e-5, "lora": 5e-4, "qlora": 5e-4, "adalora": 8e-4, "qlora-adalora": 8e-4}}
+GPU_TARGET_ACCURACY = {"sst2": 0.9, "mnli": 0.8, "instructions": 0.5}
+
+
+def gpu_config(task: str, seeds=(0, 1, 2), max_steps: int = 300) -> BenchConfig:
+    """The ``gpu`` profile's comparison for ``task`` (``"sst2"``, ``"mnli"`` or ``"instructions"``): LoRA r =
+    AdaLoRA target_r = 8 from init_r = 12 (AdaLoRA Table 1's budget), evaluation every sixth of the run, and
+    AdaLoRA's schedule as a share of it (tinit 10%, tfinal 30%, deltaT 10), so a longer run (``max_steps=1000``)
+    keeps its shape. Raises ``ValueError`` for an unknown task."""
+    if task not in GPU_TARGET_ACCURACY:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(GPU_TARGET_ACCURACY)}")
+    return BenchConfig(seeds=tuple(seeds), max_steps=max_steps, eval_every=max(1, max_steps // 6), r=8, init_r=12,
+                       tinit=max_steps // 10, tfinal=3 * max_steps // 10, deltaT=10,
+                       target_accuracy=GPU_TARGET_ACCURACY[task],
+                       lr=GPU_LR["instructions" if task == "instructions" else "glue"])
 
 
 def adapted_layers(model: nn.Module, target_modules) -> dict[str, tuple[int, int]]:
@@ -188,7 +217,10 @@ def _importance_tensors(run: PreparedRun) -> list[torch.Tensor]:
 def build_arm(method: str, task: Task, config: BenchConfig, seed: int) -> tuple[PreparedRun, int, int]:
     """A fresh base model turned into ``method``'s arm; also returns the stored bytes of the base model
     and the arm's planned budget (:func:`trainable_budget` plus the trained head; for full fine-tuning, all
-    parameters)."""
+    parameters). Full fine-tuning of a base loaded in float16 or bfloat16 (the causal LMs of the ``gpu``
+    profile) trains in mixed precision, float32 master weights and a 16-bit autocast forward
+    (:mod:`.precision`): plain AdamW on 16-bit weights turns them NaN (float16) or rounds its updates away
+    (bfloat16)."""
     quantized = method.startswith("qlora")
     torch.manual_seed(seed)
     model = task.load_model(seed, quantized)
@@ -196,6 +228,9 @@ def build_arm(method: str, task: Task, config: BenchConfig, seed: int) -> tuple[
     budget = trainable_budget(method, adapted_shapes(model, task.target_modules), config.rank(method))
     torch.manual_seed(seed)  # adapters drawn from the seed too
     if method == "full":
+        if (compute_dtype := compute_dtype_of(model)) is not None:  # loaded in 16 bit: fp32 master weights + autocast
+            run = mixed_precision_full_finetuning(model, config.lr[method], compute_dtype)[0]
+            return run, base_bytes, trainable_parameters(model)
         for p in model.parameters():
             p.requires_grad = True
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr[method])
@@ -257,15 +292,20 @@ def run_one(method: str, seed: int, task: Task, config: BenchConfig, *, progress
     return row, curve, losses, ranks
 
 
-def run_benchmark(task: Task, config: BenchConfig = BenchConfig()) -> BenchResults:
-    """Every method x seed of ``config`` on ``task``; checks the budgets first, then trains."""
+def run_benchmark(task: Task, config: BenchConfig = BenchConfig(), methods=None) -> BenchResults:
+    """Every method x seed of ``config`` on ``task``; checks the budgets of all ``config.methods`` first,
+    then trains ``methods`` (default: all of them; a subset runs the comparison in parts, e.g. one notebook
+    cell per method, which :meth:`BenchResults.concat` joins)."""
+    methods = list(config.methods if methods is None else methods)
+    if unknown := [m for m in methods if m not in config.methods]:
+        raise ValueError(f"methods {unknown} are not in config.methods = {list(config.methods)}")
     probe = task.load_model(config.seeds[0], False)
     shapes = adapted_shapes(probe, task.target_modules)
     del probe
     check_budgets({m: trainable_budget(m, shapes, config.rank(m)) for m in config.methods}, config.budget_tolerance)
     rows, curves, losses, ranks = [], [], [], {}
     start = time.perf_counter()
-    for method, seed in tqdm([(m, s) for m in config.methods for s in config.seeds], desc="runs"):
+    for method, seed in tqdm([(m, s) for m in methods for s in config.seeds], desc="runs"):
         row, curve, loss, final_ranks = run_one(method, seed, task, config)
         rows.append(row)
         curves += curve

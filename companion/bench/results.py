@@ -40,6 +40,30 @@ class BenchResults:
     def methods(self) -> list[str]:
         return list(dict.fromkeys(self.runs["method"]))
 
+    @classmethod
+    def concat(cls, parts: list[BenchResults]) -> BenchResults:
+        """One result from runs done in parts (e.g. one notebook cell per method): the tables stacked in
+        order, the ranks merged, the minutes summed, the rest of the metadata from the first part. Raises
+        ``ValueError`` when the parts ran different tasks or configurations, or repeat a method and seed."""
+        if not parts:
+            raise ValueError("concat needs at least one BenchResults")
+        first = parts[0].meta
+        for part in parts[1:]:
+            if (part.meta["task"], part.meta["config"]) != (first["task"], first["config"]):
+                raise ValueError(f"cannot join runs of different tasks or configurations: {first['task']!r} and "
+                                 f"{part.meta['task']!r}; run every part with the same task and BenchConfig")
+        runs = pd.concat([p.runs for p in parts], ignore_index=True)
+        if runs.duplicated(["method", "seed"]).any():
+            raise ValueError(f"method and seed repeated across parts: "
+                             f"{runs.loc[runs.duplicated(['method', 'seed']), ['method', 'seed']].values.tolist()}")
+        ranks = {}
+        for part in parts:
+            for method, by_seed in part.ranks.items():
+                ranks.setdefault(method, {}).update(by_seed)
+        meta = {**first, "minutes": sum(p.meta["minutes"] for p in parts)}
+        return cls(runs, *(pd.concat([getattr(p, name) for p in parts], ignore_index=True)
+                           for name in ("curves", "losses")), ranks, meta)
+
     def save(self, directory) -> Path:
         """Write runs.csv, curves.csv, losses.csv and results.json (ranks + metadata) into ``directory``."""
         directory = Path(directory)

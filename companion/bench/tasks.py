@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from ..adalora.ablation import BERT_MATRICES
 from ..data import (TensorDictDataset, encode_instructions, load_glue, make_instruction_splits,
@@ -34,6 +34,25 @@ LLAMA_MATRICES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 DEBERTA_MATRICES = ("query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
                     "output.dense")
 GLUE_LABELS = {"sst2": 2, "mnli": 3}
+ENCODERS = ("deberta-v3-base", "roberta-base")
+CAUSAL_LMS = ("qwen2.5-0.5b", "tinyllama-1.1b")
+TASK_MODELS = {"sst2": ENCODERS, "mnli": ENCODERS, "instructions": CAUSAL_LMS}  # the first is the task's default
+
+
+def task_model(task: str, model: str | None = None) -> str:
+    """The ``gpu`` profile's model for ``task`` (``"sst2"``, ``"mnli"`` or ``"instructions"``): ``model``,
+    or the task's default when ``None`` (DeBERTaV3-base, the AdaLoRA paper's GLUE backbone; Qwen2.5-0.5B
+    for the instruction families). Raises ``ValueError`` for an unknown task or a model that does not fit it
+    (a classifier encoder cannot generate instructions; a causal LM has no GLUE head here)."""
+    if task not in TASK_MODELS:
+        raise ValueError(f"unknown task {task!r}; choose one of {list(TASK_MODELS)}")
+    if model is None:
+        return TASK_MODELS[task][0]
+    if model not in TASK_MODELS[task]:
+        fits = [t for t, models in TASK_MODELS.items() if model in models]
+        raise ValueError(f"model {model!r} does not fit task {task!r}: use one of {list(TASK_MODELS[task])}, or "
+                         f"None for {TASK_MODELS[task][0]!r}" + (f" ({model!r} runs the tasks {fits})" if fits else ""))
+    return model
 
 
 @dataclass
@@ -59,6 +78,24 @@ class Task:
             raise ValueError(f"task {self.name!r} needs train, validation and test loaders; missing {sorted(missing)}")
 
 
+def trim_padding(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate right-padded rows and cut the batch to its longest sequence (dynamic padding, as
+    ``transformers.DataCollatorWithPadding``): (B, T_split) -> (B, T_batch). A split is padded to its longest
+    sentence; most batches are shorter, and the padded positions are masked, so they cost time and change
+    nothing else. Raises ``ValueError`` for left-padded rows, which the cut would shorten."""
+    batch = default_collate(rows)
+    longest = int(batch["attention_mask"].sum(dim=1).max())
+    if batch["attention_mask"][:, longest:].any():
+        raise ValueError("trim_padding needs right-padded rows (tokenizer.padding_side = 'right'); these have "
+                         "padding before their tokens")
+    return {k: v[:, :longest] if v.dim() == 2 else v for k, v in batch.items()}
+
+
+def _dynamic_padding(loaders: dict[str, DataLoader]) -> dict[str, DataLoader]:
+    return {name: DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=name == "train",
+                             generator=loader.generator, collate_fn=trim_padding) for name, loader in loaders.items()}
+
+
 def _to_4bit(model: nn.Module, compute_dtype: torch.dtype, skip_modules: list[str] | None = None) -> nn.Module:
     """A model built in code, reloaded with NF4 + double-quantized weights (``ci`` profile stand-in for a hub load);
     ``load_in_4bit`` keeps bitsandbytes' CPU kernel the training-time one."""
@@ -69,14 +106,17 @@ def _to_4bit(model: nn.Module, compute_dtype: torch.dtype, skip_modules: list[st
 
 def sentiment_task(profile: Profile, *, model: str = "deberta-v3-base", glue_task: str = "sst2",
                    batch_size: int = 16, max_length: int = 32, n_train: int = 1000, n_validation: int = 200,
-                   n_test: int = 200, n_glue_test: int = 2000) -> Task:
+                   n_test: int = 200, n_glue_test: int = 2000, n_glue_validation: int = 1000) -> Task:
     """Sequence classification. ``ci``: MiniLM on generated data (``model``/``glue_task`` unused).
     ``gpu``: ``model`` (``"roberta-base"`` or ``"deberta-v3-base"``) on GLUE ``glue_task``; GLUE's test
-    labels are hidden, so the last ``n_glue_test`` training records are held out as the test split."""
+    labels are hidden, so the last ``n_glue_test`` training records are held out as the test split, and the
+    validation split is GLUE's first ``n_glue_validation`` validation records (all 872 of SST-2; MNLI-m has
+    9,815, which evaluated every ``eval_every`` steps would cost more than the training)."""
     if profile.is_ci:
         tokenizer = load_minilm_classifier(num_labels=2)[1]
-        loaders = sentiment_dataloaders(tokenizer, batch_size=batch_size, seed=profile.seed, max_length=max_length,
-                                        n_train=n_train, n_validation=n_validation, n_test=n_test)
+        loaders = _dynamic_padding(sentiment_dataloaders(tokenizer, batch_size=batch_size, seed=profile.seed,
+                                                         max_length=max_length, n_train=n_train,
+                                                         n_validation=n_validation, n_test=n_test))
 
         def load(seed: int, quantized: bool) -> nn.Module:
             base = load_minilm_classifier(num_labels=2, seed=seed)[0]
@@ -94,10 +134,10 @@ def sentiment_task(profile: Profile, *, model: str = "deberta-v3-base", glue_tas
     num_labels = GLUE_LABELS[glue_task]
     train = load_glue(glue_task, "train")
     validation = load_glue(glue_task, "validation_matched" if glue_task == "mnli" else "validation")
-    splits = {"train": train[:-n_glue_test], "validation": validation, "test": train[-n_glue_test:]}
+    splits = {"train": train[:-n_glue_test], "validation": validation[:n_glue_validation], "test": train[-n_glue_test:]}
     tokenizer = load_hub_model(model, task="seq-cls", num_labels=num_labels)[1]
-    loaders = sentiment_dataloaders(tokenizer, batch_size=batch_size, seed=profile.seed, max_length=max_length,
-                                    splits=splits)
+    loaders = _dynamic_padding(sentiment_dataloaders(tokenizer, batch_size=batch_size, seed=profile.seed,
+                                                     max_length=max_length, splits=splits))
     head = ("classifier", "pooler") if model == "deberta-v3-base" else ("classifier",)
     targets = DEBERTA_MATRICES if model == "deberta-v3-base" else BERT_MATRICES
 
@@ -123,6 +163,9 @@ def instruction_task(profile: Profile, *, model: str = "qwen2.5-0.5b", families:
     """Causal-LM instruction tuning on generated families, accuracy = exact match of greedy completions.
     Validation and test are two disjoint held-out sets of the same families."""
     families = families or ["count_letters", "number_to_words"]
+    if not profile.is_ci and model in ENCODERS:
+        raise ValueError(f"{model!r} is a classifier encoder and cannot generate the instruction task's answers; "
+                         f"use a causal LM, one of {list(CAUSAL_LMS)} (task_model('instructions') picks the default)")
     if profile.is_ci:
         tokenizer = char_tokenizer()
     else:
