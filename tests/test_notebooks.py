@@ -48,19 +48,33 @@ def test_one_parameters_cell_defaults_to_ci_and_the_next_cell_sets_up_the_profil
     assert "setup_profile(PROFILE" in cells[tagged[0] + 1].source
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_gpu_profile_without_cuda_stops_in_the_setup_cell(path, tmp_path):
-    import papermill
+@pytest.fixture(scope="module")
+def kernel():
+    """One python3 kernel for every notebook below (a kernel and its imports per notebook cost ~12 s each)."""
+    from jupyter_client.manager import start_new_kernel
 
+    manager, client = start_new_kernel(kernel_name="python3", cwd=str(NOTEBOOKS[0].parent))
+    yield client
+    client.stop_channels()
+    manager.shutdown_kernel(now=True)
+
+
+def run_in(kernel, source: str) -> dict:
+    """Execute ``source`` as one cell; the reply's content (``status``, and ``evalue`` on an error)."""
+    return kernel.execute_interactive(source, timeout=300, output_hook=lambda msg: None)["content"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_gpu_profile_without_cuda_stops_in_the_setup_cell(path, kernel):
+    """As papermill runs it with ``PROFILE="gpu"``: the cells up to the parameters run, the next one stops."""
     assert not torch.cuda.is_available(), "this test describes a CPU-only machine"
-    with pytest.raises(papermill.PapermillExecutionError) as err:
-        papermill.execute_notebook(str(path), str(tmp_path / path.name), parameters={"PROFILE": "gpu"},
-                                   cwd=str(path.parent), progress_bar=False, kernel_name="python3")
-    assert "needs a CUDA GPU" in str(err.value)
-    ran = nbformat.read(tmp_path / path.name, as_version=4)
-    failed = [i for i, c in enumerate(code_cells(ran)) if any(o.get("output_type") == "error" for o in c.outputs)]
-    injected = [i for i, c in enumerate(code_cells(ran)) if "injected-parameters" in c.metadata.get("tags", [])]
-    assert failed == [injected[0] + 1], "the gpu profile must stop in the cell right after the parameters"
+    cells = code_cells(nbformat.read(path, as_version=4))
+    params = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    for cell in cells[:params + 1]:
+        assert run_in(kernel, cell.source)["status"] == "ok", cell.source[:80]
+    assert run_in(kernel, 'PROFILE = "gpu"')["status"] == "ok"  # papermill's injected cell
+    reply = run_in(kernel, cells[params + 1].source)
+    assert reply["status"] == "error" and "needs a CUDA GPU" in reply["evalue"], reply.get("evalue")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

@@ -104,6 +104,11 @@ def _to_4bit(model: nn.Module, compute_dtype: torch.dtype, skip_modules: list[st
     return load_in_4bit(model, compute_dtype=compute_dtype, skip_modules=skip_modules)
 
 
+def _device_map(profile) -> dict:
+    """``device_map`` for ``from_pretrained``: the whole model on the profile's device (GPU index 0 when unset)."""
+    return {"": profile.device.index or 0} if profile.device.type == "cuda" else {"": profile.device.type}
+
+
 def sentiment_task(profile: Profile, *, model: str = "deberta-v3-base", glue_task: str = "sst2",
                    batch_size: int = 16, max_length: int = 32, n_train: int = 1000, n_validation: int = 200,
                    n_test: int = 200, n_glue_test: int = 2000, n_glue_validation: int = 1000) -> Task:
@@ -143,7 +148,7 @@ def sentiment_task(profile: Profile, *, model: str = "deberta-v3-base", glue_tas
 
     def load(seed: int, quantized: bool) -> nn.Module:
         torch.manual_seed(seed)
-        kwargs = dict(num_labels=num_labels, device_map={"": profile.device.index or 0})
+        kwargs = dict(num_labels=num_labels, device_map=_device_map(profile))
         if quantized:
             kwargs.update(quantization_config=bnb_4bit_config(profile.dtype, skip_modules=list(head)),
                           dtype=profile.dtype)
@@ -181,7 +186,7 @@ def instruction_task(profile: Profile, *, model: str = "qwen2.5-0.5b", families:
         if profile.is_ci:
             base = build_tiny_llama(seed=seed)
             return (_to_4bit(base, profile.dtype) if quantized else base).to(profile.device)
-        kwargs = dict(dtype=profile.dtype, device_map={"": profile.device.index or 0})
+        kwargs = dict(dtype=profile.dtype, device_map=_device_map(profile))
         if quantized:
             kwargs["quantization_config"] = bnb_4bit_config(profile.dtype)
         return load_hub_model(model, **kwargs)[0]

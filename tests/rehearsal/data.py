@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 
 ROWS = {"train": 320, "validation": 96, "test": 32}
+GLUE_TRAIN_ROWS = 2600  # ch06 holds out the last 2,000 training records as its test split
 NOUNS = ["film", "plot", "cast", "score", "ending", "script", "pacing", "dialogue"]
 GOOD = ["good", "moving", "clever", "warm", "sharp", "lovely"]
 BAD = ["dull", "flat", "clumsy", "tedious", "weak", "messy"]
@@ -96,6 +97,8 @@ def load_dataset(path: str, name: str | None = None, split: str | None = None, *
             raise ValueError(f'Unknown split "{s}". Should be one of {list(SPLITS[key])}.')
         rng = random.Random(f"{path}/{name}/{s}")
         n = ROWS["train" if s == "train" else "test" if s.startswith("test") else "validation"]
+        if s == "train" and kind != "alpaca":
+            n = GLUE_TRAIN_ROWS
         rows = _alpaca(n, rng) if kind == "alpaca" else (_sst2 if kind == "sst2" else _mnli)(s, n, rng)
         return Dataset.from_dict(rows, features=_features(kind), split=s)
 

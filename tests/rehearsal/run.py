@@ -38,7 +38,7 @@ CUTS = {
     "ch04_paged_optimizers": {"STEPS": 2},
     "ch05_qlora_finetune": {"QLORA_STEPS": 34, "BATCH_SIZE": 4},  # warm-up ceil(0.03 x 34) = 2 steps; a 10-step log
     "ch05_qlora_setup": {"CLS_STEPS": 3},
-    "ch06_comparison": {"SEEDS": [0]},
+    "ch06_comparison": {"SEEDS": [0], "MAX_STEPS": 12},
     "ch07_selection": {"STEPS": 3, "PISSA_SEEDS": [0]},
 }
 # Notebooks whose gpu numerics depend on the card (fp16 scaler vs bf16, precision-specific branches).
