@@ -15,7 +15,7 @@ import pytest
 import torch
 from pandas.testing import assert_frame_equal
 from peft import AdaLoraConfig, LoraConfig, get_peft_model, get_peft_model_state_dict
-from tiny_models import tiny_bert
+from tiny_models import separable, tiny_bert
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,7 +25,6 @@ from companion.bench import (LABELS, METHODS, BenchConfig, BenchResults, Task, a
                              run_benchmark, run_one, trainable_budget)
 from companion.bench.harness import adapted_layers, kept_budget
 from companion.bench.results import RUN_COLUMNS
-from companion.data import TensorDictDataset
 from companion.measure import load_in_4bit
 from companion.profiles import setup_profile
 from companion.qlora import keep_dequantize_kernel_on_cpu
@@ -36,13 +35,7 @@ CONFIG = BenchConfig(max_steps=12, eval_every=4, tinit=2, tfinal=4, deltaT=2, se
 EVAL_STEPS = [4, 8, 12]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """16-wide matrices on two shared cores: two threads spin-wait on each other and run 10-40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_4bit(seed=0):
@@ -55,15 +48,6 @@ def linear_sizes(model, targets=TARGETS):
     """(d_in, d_out) of the target nn.Linear layers, read off the 16-bit model by name."""
     return [(m.in_features, m.out_features) for n, m in model.named_modules()
             if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
-
-
-def separable(n, seed):
-    """Random tokens whose first token (1 or 2) is the label: a task the tiny BERT can learn in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    ids = torch.randint(5, 60, (n, 8), generator=g)  # (n, T), inside tiny_bert's 60-token vocabulary
-    ids[:, 0] = 1 + labels
-    return TensorDictDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
 
 
 def tiny_task(train_loader=None, loads=None):

@@ -7,12 +7,11 @@ import dataclasses
 import pytest
 import torch
 from pandas.testing import assert_frame_equal
-from tiny_models import tiny_bert
+from tiny_models import separable, tiny_bert
 from torch.utils.data import DataLoader
 
 from companion.bench import (METHODS, TASK_MODELS, BenchConfig, BenchResults, Task, ci_config, gpu_config,
                              instruction_task, run_benchmark, task_model)
-from companion.data import TensorDictDataset
 from companion.measure import load_in_4bit
 from companion.profiles import Profile
 from companion.qlora import keep_dequantize_kernel_on_cpu
@@ -21,20 +20,7 @@ from companion.train import classification_accuracy
 CONFIG = BenchConfig(max_steps=6, eval_every=3, tinit=2, tfinal=2, deltaT=1, seeds=(0, 1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def separable(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    ids = torch.randint(5, 60, (n, 8), generator=g)
-    ids[:, 0] = 1 + labels
-    return TensorDictDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_task():

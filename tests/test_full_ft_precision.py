@@ -5,33 +5,17 @@ torch.amp loop bit for bit. Everything runs on a CPU, whose autocast supports bo
 
 import pytest
 import torch
-from tiny_models import tiny_bert
+from tiny_models import separable, tiny_bert
 from torch.utils.data import DataLoader
 
 from companion.bench import BenchConfig, Task, build_arm, run_one
 from companion.bench.precision import compute_dtype_of, mixed_precision_full_finetuning
-from companion.data import TensorDictDataset
 from companion.train import TrainConfig, classification_accuracy, train
 
 NOTEBOOK_LR = 2e-5  # the full fine-tuning rate of the gpu instruction task in notebooks/ch06_comparison.ipynb
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """16-wide matrices on two shared cores: one thread is faster than two that spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def separable(n, seed):
-    """Random tokens whose first token (1 or 2) is the label: learnable by the tiny BERT in a few steps."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    ids = torch.randint(5, 60, (n, 8), generator=g)  # (n, T), inside tiny_bert's 60-token vocabulary
-    ids[:, 0] = 1 + labels
-    return TensorDictDataset({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def loader(n=64, seed=0, batch_size=8):
