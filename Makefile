@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := GOMP_SPINCOUNT=3000 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 
-.PHONY: book test checks unit notebooks determinism rehearsal floor bench clean
+.PHONY: book test checks side unit notebooks determinism rehearsal floor bench clean
 
 # Notebooks with cells marked `# NBVAL_CHECK_OUTPUT`: nbval runs their executed ci copies again and compares.
 DETERMINISM := $(notdir $(shell grep -l '"# NBVAL_CHECK_OUTPUT' notebooks/ch*.ipynb))
@@ -43,12 +43,16 @@ rehearsal: $(STAMP)
 floor:
 	PYTHON=$(PYTHON) scripts/floor_env.sh --test
 
-# The two environments run side by side (the floor's install is mostly download); each chain is sequential.
+# Two chains side by side on the two cores, each sequential: the book's checks, and the floor environment
+# followed by the rehearsal (neither shares files with the other chain).
 test: $(STAMP)
-	$(MAKE) -j2 checks floor
+	$(MAKE) -j2 checks side
 
 checks: $(STAMP)
-	$(MAKE) -j1 unit notebooks book determinism rehearsal
+	$(MAKE) -j1 unit notebooks book determinism
+
+side: $(STAMP)
+	$(MAKE) -j1 floor rehearsal
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m benchmarks
