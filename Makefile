@@ -33,7 +33,8 @@ notebooks: $(STAMP)
 # Needs the executed copies that `notebooks` writes; a second run of each, compared cell by cell where marked.
 determinism: notebooks
 	cd _build/executed/ci && $(OFFLINE) $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider -o addopts= \
-		--rootdir=. --nbval-lax --nbval-cell-timeout=900 -q $(DETERMINISM)
+		--rootdir=. --nbval-lax --nbval-cell-timeout=900 -q \
+		--nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg $(DETERMINISM)
 
 # Every notebook's gpu branch on this CPU: stand-in hub models and data sets, T4 float16 (and RTX bfloat16).
 rehearsal: $(STAMP)
