@@ -44,16 +44,16 @@ rehearsal: $(STAMP)
 floor:
 	PYTHON=$(PYTHON) scripts/floor_env.sh --test
 
-# Two chains side by side on the two cores, each sequential: the book's checks, and the floor environment
-# followed by the rehearsal (neither shares files with the other chain).
+# Two chains side by side on the two cores, each sequential and sharing no files with the other: the book's
+# checks (notebooks, book, determinism), and the unit tests, the floor environment and the rehearsal.
 test: $(STAMP)
 	$(MAKE) -j2 checks side
 
 checks: $(STAMP)
-	$(MAKE) -j1 unit notebooks book determinism
+	$(MAKE) -j1 notebooks book determinism
 
 side: $(STAMP)
-	$(MAKE) -j1 floor rehearsal
+	$(MAKE) -j1 unit floor rehearsal
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m benchmarks
