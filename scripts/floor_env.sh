@@ -34,8 +34,8 @@ if [[ ${1:-} == --test ]]; then
     "$BIN/python" -m pytest tests -q -p no:cacheprovider
     echo "floor_env: unit tests passed in $(( $(date +%s) - start )) s"
     # The gpu-profile rehearsal of Chapter 5 (tests/rehearsal: stand-in hub checkpoints and data sets,
-    # TRL's SFTTrainer on a pretend T4 and RTX card) under the floor versions.
+    # TRL's SFTTrainer on a pretend T4; the main environment rehearses the RTX card too) at the floor versions.
     start=$(date +%s)
-    "$BIN/python" -m tests.rehearsal.run notebooks/ch05_qlora_setup.ipynb notebooks/ch05_qlora_finetune.ipynb
+    "$BIN/python" -m tests.rehearsal.run --dtype float16 notebooks/ch05_qlora_setup.ipynb notebooks/ch05_qlora_finetune.ipynb
     echo "floor_env: Chapter 5 rehearsal passed in $(( $(date +%s) - start )) s"
 fi
