@@ -1,6 +1,6 @@
 """Execute the course notebooks with papermill in one profile and log cost per notebook.
 
-    python scripts/run_notebooks.py --profile ci            # CI: every notebook, CPU, offline
+    python scripts/run_notebooks.py --profile ci            # CI: every notebook and exercise notebook, CPU, offline
     python scripts/run_notebooks.py --profile gpu           # a CUDA machine (GitHub workflow)
     python scripts/run_notebooks.py notebooks/ch01_*.ipynb  # a subset
 
@@ -94,6 +94,8 @@ def gpu_timeout(nb: Path, floor: int = 900, factor: float = 3.0) -> int:
     the estimate of the whole notebook."""
     from companion.budget_plans import notebook_estimate, notebook_parameters
 
+    if nb.parent.name == "exercises":  # grading runs on the CPU in seconds, in either profile
+        return floor
     minutes = notebook_estimate(nb.stem, **notebook_parameters(nb)).minutes
     return max(floor, round(factor * 60 * minutes))
 
@@ -128,13 +130,15 @@ def run(notebooks: list[Path], profile: str, out_dir: Path, timeout: int | None)
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/ch*.ipynb")
+    parser.add_argument("notebooks", nargs="*", type=Path,
+                        help="default: notebooks/ch*.ipynb and the exercises, notebooks/exercises/ch*.ipynb")
     parser.add_argument("--profile", choices=("ci", "gpu"), default="ci")
     parser.add_argument("--timeout", type=int, default=None,
                         help="seconds per cell; default 1800 in ci (as _config.yml), in gpu 3x the notebook's T4 estimate")
     parser.add_argument("--out", type=Path, default=None, help="default: _build/executed/<profile>")
     args = parser.parse_args(argv)
-    notebooks = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("ch*.ipynb"))
+    notebooks = [p.resolve() for p in args.notebooks] or (sorted((ROOT / "notebooks").glob("ch*.ipynb"))
+                                                          + sorted((ROOT / "notebooks" / "exercises").glob("ch*.ipynb")))
     out_dir = args.out or ROOT / "_build" / "executed" / args.profile
     rows = run(notebooks, args.profile, out_dir, args.timeout)
     with open(out_dir / "runtimes.csv", "w", newline="") as fh:

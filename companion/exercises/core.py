@@ -1,0 +1,401 @@
+"""The grader: an exercise registry, fresh test cases on every call, and ``check``.
+
+An :class:`Exercise` knows its id (``"ch04.quantize_nf4"``), the signature the student writes, a
+task and a hint, and how to draw test cases. Each :class:`Case` carries the inputs and the expected
+value, which the chapter module computes with the reference implementation (bitsandbytes, PEFT,
+torch, transformers) where one exists and with the companion otherwise.
+
+:func:`check` calls the student's function on every case and stops at the first wrong answer. It
+never raises for anything the student's function does: a wrong signature, an exception, a wrong
+dtype or shape, a call into the library the exercise is graded against, or a
+``NotImplementedError`` stub all become a :class:`CheckResult` whose ``message`` says what happened.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+LEVELS = ("warm-up", "core", "stretch")
+# What a CheckResult's ``status`` can be; only "passed" means passed.
+STATUSES = ("passed", "failed", "not_implemented", "error", "bad_signature", "uses_reference")
+_HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Case:
+    """One call of the student's function: ``fn(*args, **kwargs)`` should return ``expected``.
+
+    ``compare(got, expected) -> str | None`` returns ``None`` when ``got`` is right and otherwise a
+    sentence saying how it is wrong. ``inputs`` (optional) replaces ``args``/``kwargs`` in messages.
+    """
+
+    args: tuple
+    expected: Any
+    compare: Callable[[Any, Any], str | None]
+    kwargs: dict = field(default_factory=dict)
+    note: str = ""  # what makes this case hard ("exact tie on a threshold", "partial last block")
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """One graded exercise. ``cases(rng)`` yields :class:`Case` objects drawn from ``rng`` (a
+    ``random.Random``); ``forbidden`` names the packages (``"peft"``: all of it) or single modules
+    (``"companion.select"``) whose code the student's function may not run: the library it is graded
+    against."""
+
+    id: str
+    chapter: int
+    title: str
+    level: str
+    signature: str
+    task: str
+    hint: str
+    cases: Callable[[random.Random], Iterable[Case]]
+    forbidden: tuple[str, ...] = ("bitsandbytes", "peft", "companion")
+
+    @property
+    def name(self) -> str:
+        """The function name a submission defines: the part of the id after the chapter."""
+        return self.id.split(".", 1)[1]
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "chapter": self.chapter, "title": self.title, "level": self.level,
+                "signature": self.signature}
+
+
+_REGISTRY: dict[str, Exercise] = {}
+
+
+def register(exercise: Exercise) -> Exercise:
+    """Add ``exercise`` to the registry (ids are unique; levels are :data:`LEVELS`)."""
+    if exercise.level not in LEVELS:
+        raise ValueError(f"{exercise.id}: level must be one of {LEVELS}, got {exercise.level!r}")
+    if exercise.id in _REGISTRY:
+        raise ValueError(f"exercise id {exercise.id!r} is registered twice")
+    if not exercise.id.startswith(f"ch{exercise.chapter:02d}."):
+        raise ValueError(f"{exercise.id}: the id must start with 'ch{exercise.chapter:02d}.'")
+    _REGISTRY[exercise.id] = exercise
+    return exercise
+
+
+def _load_chapters() -> None:
+    from . import ch01, ch02, ch03, ch04, ch05, ch06, ch07  # noqa: F401  (each registers its exercises)
+
+
+def get_exercise(exercise_id: str) -> Exercise:
+    """The registered exercise, or ``KeyError`` listing the valid ids."""
+    _load_chapters()
+    if exercise_id not in _REGISTRY:
+        raise KeyError(f"unknown exercise id {exercise_id!r}; the valid ids are: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[exercise_id]
+
+
+def list_exercises(chapter: int | None = None) -> list[dict]:
+    """Every exercise (or those of ``chapter``, 1-7) as dicts with ``id``, ``chapter``, ``title``,
+    ``level`` and ``signature``, in the order of the chapters and of their exercise notebooks."""
+    _load_chapters()
+    if chapter is not None and chapter not in range(1, 8):
+        raise ValueError(f"chapter must be one of 1-7 (or None for all), got {chapter!r}")
+    rows = [e.as_dict() for e in _REGISTRY.values() if chapter is None or e.chapter == chapter]
+    return sorted(rows, key=lambda r: r["chapter"])  # within a chapter: the notebook's order (registration)
+
+
+@dataclass
+class CheckResult:
+    """What :func:`check` found. ``passed`` is True only if every case was right; ``message`` gives the
+    first failing case (inputs, expected, got, hint); ``cases`` counts the cases checked; ``seed``
+    redraws the same cases (``check(id, fn, seed=...)``)."""
+
+    exercise_id: str
+    passed: bool
+    message: str
+    cases: int
+    status: str = "passed"
+    seed: int | None = None
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        mark = "PASSED" if self.passed else self.status.upper().replace("_", " ")
+        return f"[{mark}] {self.exercise_id}: {self.message}"
+
+    def _repr_pretty_(self, printer, cycle):  # how a notebook shows it
+        printer.text(str(self))
+
+    def verify(self) -> "CheckResult":
+        """Return ``self`` if passed. Otherwise raise: ``NotImplementedError`` for a stub that is not
+        written yet (the student notebooks run with only that error), ``AssertionError(message)`` else."""
+        if self.passed:
+            return self
+        if self.status == "not_implemented":
+            raise NotImplementedError(self.message)
+        raise AssertionError(str(self))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Describing values in messages
+
+def describe(value: Any, limit: int = 8) -> str:
+    """A short, readable description of a value for a message: tensors by dtype, shape and first values."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().reshape(-1)
+        head = flat[:limit].tolist()
+        more = ", ..." if flat.numel() > limit else ""
+        return f"tensor(dtype={value.dtype}, shape={tuple(value.shape)}, values=[{', '.join(_num(v) for v in head)}{more}])"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(describe(v, limit) for v in value[:limit])
+        more = ", ..." if len(value) > limit else ""
+        return f"({inner}{more})" if isinstance(value, tuple) else f"[{inner}{more}]"
+    if isinstance(value, dict):
+        items = list(value.items())
+        inner = ", ".join(f"{k!r}: {describe(v, limit)}" for k, v in items[:limit])
+        return "{" + inner + (", ..." if len(items) > limit else "") + "}"
+    if isinstance(value, float):
+        return _num(value)
+    text = repr(value)
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _num(v) -> str:
+    return f"{v:.7g}" if isinstance(v, float) else repr(v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Comparisons: each returns None when right, else a sentence for the message
+
+def compare_tensor(got, expected: torch.Tensor, *, rtol: float | None = None, atol: float | None = None,
+                   what: str = "the result") -> str | None:
+    """``got`` must be a tensor of ``expected``'s dtype and shape, equal within ``rtol``/``atol``
+    (``torch.testing.assert_close``'s defaults for the dtype when both are None; ``rtol=atol=0``
+    asks for bit-exact equality)."""
+    if not isinstance(got, torch.Tensor):
+        return f"{what} must be a torch.Tensor, got {type(got).__name__}"
+    if got.dtype != expected.dtype:
+        return f"{what} has dtype {got.dtype}, expected {expected.dtype}"
+    if tuple(got.shape) != tuple(expected.shape):
+        return f"{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
+    got = got.detach().cpu()
+    if rtol == 0 and atol == 0:
+        same = torch.equal(got, expected) or bool((got == expected) | (got.isnan() & expected.isnan())
+                                                  if got.is_floating_point() else got == expected).all()
+        if same:
+            return None
+        bad = (got != expected).reshape(-1).nonzero().reshape(-1)
+    else:
+        try:
+            torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, equal_nan=True)
+            return None
+        except AssertionError:
+            pass
+        g, e = got.double().reshape(-1), expected.double().reshape(-1)
+        r = 1.3e-6 if rtol is None else rtol
+        a = 1e-5 if atol is None else atol
+        bad = ((g - e).abs() > a + r * e.abs()).nonzero().reshape(-1)
+        if bad.numel() == 0:
+            bad = (g != e).nonzero().reshape(-1)
+    i = int(bad[0]) if bad.numel() else 0
+    index = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), expected.shape)) if expected.dim() else ()
+    tol = "exactly" if rtol == 0 and atol == 0 else "within tolerance"
+    return (f"{what} differs from the reference {tol} at {bad.numel()} of {expected.numel()} positions; "
+            f"first at index {index}: expected {_num(expected.reshape(-1)[i].item())}, "
+            f"got {_num(got.reshape(-1)[i].item())}")
+
+
+def compare_number(got, expected: float, *, rel: float = 1e-9, abs_: float = 0.0, kind=(int, float),
+                   what: str = "the result") -> str | None:
+    """``got`` must be a Python (or 0-dim tensor / numpy) number close to ``expected``."""
+    if hasattr(got, "item") and getattr(got, "ndim", 1) == 0:
+        got = got.item()
+    if isinstance(got, bool) or not isinstance(got, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        return f"{what} must be a {names}, got {type(got).__name__} ({describe(got)})"
+    if math.isclose(got, expected, rel_tol=rel, abs_tol=abs_):
+        return None
+    return f"{what} is {_num(got)}, expected {_num(expected)}"
+
+
+def compare_equal(got, expected, what: str = "the result") -> str | None:
+    """``got == expected`` (same type family), for ints, strings, booleans, tuples of them."""
+    if type(got) is not type(expected) and not (isinstance(got, int) and isinstance(expected, int)
+                                               and not isinstance(got, bool)):
+        return f"{what} must be a {type(expected).__name__}, got {type(got).__name__} ({describe(got)})"
+    if got == expected:
+        return None
+    return f"{what} is {describe(got)}, expected {describe(expected)}"
+
+
+def compare_tuple(*parts: Callable[[Any, Any], str | None], names: tuple[str, ...]) -> Callable:
+    """A comparison for a tuple result whose i-th element is compared with ``parts[i]``."""
+    def compare(got, expected):
+        if not isinstance(got, (tuple, list)) or len(got) != len(parts):
+            return f"the result must be a tuple of {len(parts)} ({', '.join(names)}), got {describe(got)}"
+        for part, name, g, e in zip(parts, names, got, expected):
+            msg = part(g, e)
+            if msg:
+                return msg.replace("the result", name, 1)
+        return None
+    return compare
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Catching a submission that calls the library it is graded against
+
+def _package_dirs(names: Iterable[str]) -> dict[str, str]:
+    dirs = {}
+    for name in names:
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name)
+            except Exception:  # not installed: it cannot be called either
+                continue
+        path = getattr(module, "__file__", None)
+        if path:  # a package: everything under its folder; a plain module: its one file
+            path = Path(path).resolve()
+            dirs[name] = str(path.parent) + os.sep if path.name == "__init__.py" else str(path)
+    return dirs
+
+
+class ReferenceCall(Exception):
+    """Raised inside the student's function at its first call into a forbidden package."""
+
+    def __init__(self, package: str, function: str):
+        super().__init__(f"{package}: {function}")
+        self.package, self.function = package, function
+
+
+class _Guard:
+    """``sys.setprofile`` hook: the first Python-level call into a forbidden package raises."""
+
+    def __init__(self, forbidden: tuple[str, ...]):
+        self.dirs = _package_dirs(forbidden)
+        self.hit: ReferenceCall | None = None
+        self._exercises_dir = str(_HERE) + os.sep
+
+    def __call__(self, frame, event, arg):
+        if event != "call" or self.hit is not None:
+            return
+        filename = frame.f_code.co_filename
+        if filename.startswith(self._exercises_dir) and frame.f_code.co_name in ("__exit__",):
+            return
+        for package, directory in self.dirs.items():
+            if filename.startswith(directory):
+                module = frame.f_globals.get("__name__", package)
+                self.hit = ReferenceCall(package, f"{module}.{frame.f_code.co_name}")
+                raise self.hit
+
+    def __enter__(self):
+        self._previous = sys.getprofile()
+        sys.setprofile(self)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(self._previous)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check()
+
+def _signature_problem(exercise: Exercise, fn, case: Case) -> str | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # builtins and C functions: let the call decide
+    try:
+        sig.bind(*case.args, **case.kwargs)
+    except TypeError as err:
+        return (f"wrong signature: the grader calls {exercise.signature}, but "
+                f"{getattr(fn, '__name__', 'fn')}{sig} cannot take that call ({err})")
+    return None
+
+
+def _call_description(case: Case) -> str:
+    parts = [describe(a) for a in case.args] + [f"{k}={describe(v)}" for k, v in case.kwargs.items()]
+    return f"fn({', '.join(parts)})"
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def check(exercise_id: str, fn: Callable, *, seed: int | None = None) -> CheckResult:
+    """Grade ``fn`` on exercise ``exercise_id`` and return a :class:`CheckResult`.
+
+    Cases are drawn afresh on each call from ``seed`` (a new random seed when None, reported in the
+    result so a failure can be replayed). The expected values come from the reference implementation
+    named in the exercise. Errors of the caller (an unknown id, a ``fn`` that is not callable) raise
+    ``KeyError``/``TypeError``; everything ``fn`` does is reported in the result instead.
+    """
+    exercise = get_exercise(exercise_id)
+    if not callable(fn):
+        raise TypeError(f"check({exercise_id!r}, fn): fn must be the function you wrote, got {type(fn).__name__}")
+    seed = random.SystemRandom().randrange(2**31) if seed is None else int(seed)
+    start = time.perf_counter()
+
+    def result(passed: bool, status: str, message: str, n: int) -> CheckResult:
+        return CheckResult(exercise_id, passed, message, n, status, seed, round(time.perf_counter() - start, 3))
+
+    rng = random.Random(seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(rng.randrange(2**31))
+    try:
+        cases = list(exercise.cases(rng))
+    finally:
+        torch.random.set_rng_state(torch_state)
+    replay = f"(replay with check({exercise_id!r}, fn, seed={seed}))"
+    for n, case in enumerate(cases, start=1):
+        problem = _signature_problem(exercise, fn, case)
+        if problem:
+            return result(False, "bad_signature", problem, n - 1)
+        args, kwargs = _clone(case.args), _clone(case.kwargs)
+        guard = _Guard(exercise.forbidden)
+        try:
+            with guard:
+                got = fn(*args, **kwargs)
+        except NotImplementedError:
+            return result(False, "not_implemented",
+                          f"not implemented yet: replace the `raise NotImplementedError` in "
+                          f"{getattr(fn, '__name__', 'fn')} with your code. Hint: {exercise.hint}", n - 1)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # SystemExit included: a submission may not end the grader
+            if guard.hit is not None:
+                return result(False, "uses_reference",
+                              f"your function calls {guard.hit.function} from {guard.hit.package}, the library this "
+                              f"exercise is graded against; compute it yourself (only torch, numpy, scipy and the "
+                              f"standard library are allowed here)", n - 1)
+            return result(False, "error",
+                          f"case {n} of {len(cases)} raised {type(err).__name__}: {err}. The call was "
+                          f"{_call_description(case)}{' [' + case.note + ']' if case.note else ''}. "
+                          f"Hint: {exercise.hint} {replay}", n - 1)
+        if guard.hit is not None:  # the student caught our exception: still a reference call
+            return result(False, "uses_reference",
+                          f"your function calls {guard.hit.function} from {guard.hit.package}, the library this "
+                          "exercise is graded against; compute it yourself", n - 1)
+        try:
+            wrong = case.compare(got, case.expected)
+        except Exception as err:  # a result so odd that comparing it failed
+            wrong = f"the result could not be compared ({type(err).__name__}: {err}); got {describe(got)}"
+        if wrong:
+            return result(False, "failed",
+                          f"case {n} of {len(cases)}{' [' + case.note + ']' if case.note else ''}: "
+                          f"{_call_description(case)}: {wrong}. Expected {describe(case.expected)}, got "
+                          f"{describe(got)}. Hint: {exercise.hint} {replay}", n - 1)
+    return result(True, "passed", f"all {len(cases)} case{'s' if len(cases) != 1 else ''} match the reference",
+                  len(cases))
