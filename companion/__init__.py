@@ -18,6 +18,7 @@ One module per concept, in the order the book teaches them:
 - :mod:`companion.select`    -- `recommend`: which method fits which card, and the decision tree it draws (Chapter 7)
 - :mod:`companion.migrate`   -- a trained LoRA/QLoRA adapter into AdaLoRA through an SVD (Chapter 7)
 - :mod:`companion.pissa`     -- PiSSA initialisation, equal to PEFT's (Chapter 7)
+- :mod:`companion.exercises` -- graded exercises of every chapter, ``check``, and the teachers' ``grade`` command
 - :mod:`companion.check_env` -- ``python -m companion.check_env``
 
 Submodules are imported on demand, so ``import companion`` stays cheap.

@@ -11,7 +11,8 @@ The exercises themselves (task, hint, solution) are the notebooks ``notebooks/ex
 submissions with ``python -m companion.exercises grade SUBMISSIONS_DIR --out grades.csv``
 (:mod:`companion.exercises.grade`).
 
-- :mod:`~companion.exercises.core`    -- the registry, :func:`check`, :class:`CheckResult`, comparisons
+- :mod:`~companion.exercises.core`    -- the registry, :func:`check`, :class:`CheckResult`, the reference-call guard
+- :mod:`~companion.exercises.compare` -- comparing an answer with the reference, describing both in messages
 - :mod:`~companion.exercises.ch01` ... :mod:`~companion.exercises.ch07` -- each chapter's exercises
 - :mod:`~companion.exercises.grade`   -- grading a folder of submissions in subprocesses, to CSV
 - :mod:`~companion.exercises.student` -- the student notebook generator
