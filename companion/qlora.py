@@ -85,20 +85,27 @@ def keep_dequantize_kernel_on_cpu(model: torch.nn.Module) -> torch.nn.Module:
 
 def linear_layers(model: torch.nn.Module) -> pd.DataFrame:
     """One row per kind of linear layer (the last part of its name): how many there are, their class
-    (``Linear4bit`` when bitsandbytes quantized them), shape and weight dtype. This is what to look
-    at before choosing ``LoraConfig(target_modules=...)``."""
+    (``Linear4bit`` when bitsandbytes quantized them), shape and weight dtype. ``nn.Linear`` and its
+    subclasses count, and so does transformers' ``Conv1D`` (GPT-2), as in PEFT's ``"all-linear"``. This
+    is what to look at before choosing ``LoraConfig(target_modules=...)``."""
+    from transformers.pytorch_utils import Conv1D
+
     rows: dict[str, dict] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):  # bitsandbytes' Linear4bit subclasses nn.Linear
+        if isinstance(module, torch.nn.Linear):  # bitsandbytes' Linear4bit subclasses nn.Linear
+            d_in, d_out = module.in_features, module.out_features
+        elif isinstance(module, Conv1D):  # GPT-2's linear layers: weight (in, out); PEFT's all-linear takes them
+            d_in, d_out = module.weight.shape
+        else:
             continue
         leaf = name.rsplit(".", 1)[-1]
         row = rows.setdefault(leaf, {"count": 0, "class": type(module).__name__,
-                                     "in_features": module.in_features, "out_features": module.out_features,
+                                     "in_features": d_in, "out_features": d_out,
                                      "weight dtype": str(module.weight.dtype).removeprefix("torch."),
                                      "example": name})
         row["count"] += 1
     if not rows:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to put LoRA on")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear (or Conv1D) layers to put LoRA on")
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("name")
 
 

@@ -1,5 +1,6 @@
 """The 4-bit pipeline helpers, checked against peft and bitsandbytes on a tiny Llama in 4 bit on a CPU."""
 
+import copy
 import warnings
 
 import bitsandbytes as bnb
@@ -209,3 +210,14 @@ def test_save_adapter_refuses_a_model_without_an_adapter(tmp_path):
     with pytest.raises(TypeError, match="save_adapter needs a peft model"):
         save_adapter(build_tiny_llama(seed=0), tmp_path)
     assert not any(tmp_path.iterdir())  # nothing written, in particular not the whole base model
+
+
+def test_target_names_include_gpt2_conv1d_layers_as_peft_all_linear_does():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules="all-linear"))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert lora_target_names(model) == sorted(adapted) == ["c_attn", "c_fc", "c_proj"]
+    assert linear_layers(model).loc["c_fc", ["in_features", "out_features"]].tolist() == [32, 128]

@@ -38,6 +38,7 @@ class Case:
 
     ``compare(got, expected) -> str | None`` returns ``None`` when ``got`` is right and otherwise a
     sentence saying how it is wrong. ``inputs`` (optional) replaces ``args``/``kwargs`` in messages.
+    ``note`` names what makes the case hard.
     """
 
     args: tuple
@@ -45,6 +46,7 @@ class Case:
     compare: Callable[[Any, Any], str | None]
     kwargs: dict = field(default_factory=dict)
     note: str = ""  # what makes this case hard ("exact tie on a threshold", "partial last block")
+    inputs: str = ""  # a short description of the call for messages (a model or a config prints long)
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,15 @@ def _signature_problem(exercise: Exercise, fn, case: Case) -> str | None:
 
 
 def _call_description(case: Case) -> str:
+    if case.inputs:
+        return f"fn({case.inputs})"
     parts = [describe(a) for a in case.args] + [f"{k}={describe(v)}" for k, v in case.kwargs.items()]
     return f"fn({', '.join(parts)})"
+
+
+def _reference_message(exercise: Exercise, hit: ReferenceCall) -> str:
+    return (f"your function calls {hit.function} from {hit.package}, which this exercise is graded against; "
+            f"compute it yourself (not allowed here: {', '.join(exercise.forbidden)})")
 
 
 def _clone(value):
@@ -272,18 +281,13 @@ def check(exercise_id: str, fn: Callable, *, seed: int | None = None) -> CheckRe
             raise
         except BaseException as err:  # SystemExit included: a submission may not end the grader
             if guard.hit is not None:
-                return result(False, "uses_reference",
-                              f"your function calls {guard.hit.function} from {guard.hit.package}, the library this "
-                              f"exercise is graded against; compute it yourself (only torch, numpy, scipy and the "
-                              f"standard library are allowed here)", n - 1)
+                return result(False, "uses_reference", _reference_message(exercise, guard.hit), n - 1)
             return result(False, "error",
                           f"case {n} of {len(cases)} raised {type(err).__name__}: {err}. The call was "
                           f"{_call_description(case)}{' [' + case.note + ']' if case.note else ''}. "
                           f"Hint: {exercise.hint} {replay}", n - 1)
         if guard.hit is not None:  # the student caught our exception: still a reference call
-            return result(False, "uses_reference",
-                          f"your function calls {guard.hit.function} from {guard.hit.package}, the library this "
-                          "exercise is graded against; compute it yourself", n - 1)
+            return result(False, "uses_reference", _reference_message(exercise, guard.hit), n - 1)
         try:
             wrong = case.compare(got, case.expected)
         except Exception as err:  # a result so odd that comparing it failed
