@@ -13,6 +13,7 @@ dtype or shape, a call into the library the exercise is graded against, or a
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import random
@@ -148,8 +149,15 @@ class CheckResult:
 # Catching a submission that calls the library it is graded against
 
 def _package_dirs(names: Iterable[str]) -> dict[str, str]:
+    """Path prefix per forbidden name: a package's folder, a plain module's file, or for ``"pkg.__init__"``
+    only the package's ``__init__.py`` (``"torch.autograd.__init__"`` forbids ``torch.autograd.grad`` and
+    ``Tensor.backward`` but not ``torch.no_grad``, which lives in ``grad_mode.py``)."""
     dirs = {}
     for name in names:
+        if name.endswith(".__init__"):
+            module = importlib.import_module(name.removesuffix(".__init__"))
+            dirs[name.removesuffix(".__init__")] = str(Path(module.__file__).resolve())
+            continue
         module = sys.modules.get(name)
         if module is None:
             try:
