@@ -196,3 +196,12 @@ def test_a_student_notebook_raises_only_not_implemented_error():
         assert errors, f"{path.name}: the student version ran without asking for any solution"
         assert {e.ename for e in errors} == {"NotImplementedError"}, \
             [(e.ename, e.evalue) for e in errors if e.ename != "NotImplementedError"]
+
+
+def test_the_teaching_page_lists_every_exercise_as_the_registry_does():
+    from companion.exercises.__main__ import markdown_table
+
+    table = (ROOT / "book" / "_exercise_table.md").read_text()
+    assert table == markdown_table(list_exercises()), \
+        "run `python -m companion.exercises list --markdown > book/_exercise_table.md`"
+    assert "```{include} _exercise_table.md" in (ROOT / "book" / "teaching.md").read_text()
