@@ -59,7 +59,8 @@ def test_the_kernel_papermill_and_the_book_start_has_the_short_spin_count():
         "--env GOMP_SPINCOUNT 3000)")
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts),
+                         ids=lambda p: str(p.relative_to(ROOT / "notebooks")))
 def test_notebook_imports_companion_before_torch(path):
     """A reader's own Jupyter has no kernel-spec setting: the notebook's first code cell imports companion."""
     nb = json.loads(path.read_text())
