@@ -143,6 +143,8 @@ def test_each_exercise_notebook_states_every_exercise_as_the_grader_does(chapter
     for cell in nb.cells:
         if is_solution_cell(cell):
             assert "hide-cell" in cell.metadata.get("tags", []), "solutions hide behind a toggle in the book"
+    assert re.findall(r"Grader id: `([^`]+)`", md) == [r["id"] for r in list_exercises(chapter)], \
+        "list_exercises() gives a chapter's exercises in the notebook's order"
 
 
 def test_every_exercise_notebook_is_in_the_table_of_contents():

@@ -20,6 +20,39 @@ def _rank_allocator():
     return RankAllocator
 
 
+def reference_adalora_trainable(d_in: list[int], d_out: list[int], init_r: int) -> int:
+    """Trainable parameters PEFT's AdaLoRA adds to ``Linear(d_in[k], d_out[k])`` layers at ``init_r``
+    (lora_A (r, in), lora_E (r, 1), lora_B (out, r); ranknum is not trainable), counted on a real model."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    layers = torch.nn.ModuleDict({f"l{k}": torch.nn.Linear(i, o) for k, (i, o) in enumerate(zip(d_in, d_out))})
+    model = torch.nn.Module()
+    model.layers = layers
+    config = AdaLoraConfig(init_r=init_r, target_r=max(1, init_r - 1), target_modules=list(layers.keys()),
+                           total_step=10)
+    peft_model = get_peft_model(model, config)
+    return sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+def _count_cases(rng: random.Random):
+    compare = lambda g, e: compare_equal(g, e, what="the number of trainable parameters")  # noqa: E731
+    for _ in range(5):
+        k = rng.randint(1, 4)
+        d_in = [rng.randint(1, 64) for _ in range(k)]
+        d_out = [rng.randint(1, 64) for _ in range(k)]
+        init_r = rng.randint(2, 12)
+        yield Case((d_in, d_out, init_r), reference_adalora_trainable(d_in, d_out, init_r), compare)
+
+
+register(Exercise(
+    id="ch02.adalora_trainable", chapter=2, title="Counting AdaLoRA's trainable parameters", level="warm-up",
+    signature="fn(d_in: list[int], d_out: list[int], init_r: int) -> int  # one adapted Linear(d_in[k], d_out[k]) each",
+    task="How many trainable parameters does PEFT's AdaLoRA add when it adapts these Linear layers at init_r?",
+    hint="each layer gets P (d_out x r), Lambda (r x 1) and Q (r x d_in): r (d_in + d_out + 1); the base weights "
+         "are frozen and ranknum is a buffer-like parameter that does not train.",
+    cases=_count_cases))
+
+
 class _OneParameter(torch.nn.Module):
     """A model with one adapter entry named as PEFT names it, for ``RankAllocator.update_ipt``."""
 
@@ -138,36 +171,3 @@ register(Exercise(
     hint="S_i = s(lambda_i) + mean over the d_in entries of row i of A + mean over the d_out entries of column i "
          "of B. Mind which axis is which: A is (r, d_in), B is (d_out, r).",
     cases=_triplet_cases))
-
-
-def reference_adalora_trainable(d_in: list[int], d_out: list[int], init_r: int) -> int:
-    """Trainable parameters PEFT's AdaLoRA adds to ``Linear(d_in[k], d_out[k])`` layers at ``init_r``
-    (lora_A (r, in), lora_E (r, 1), lora_B (out, r); ranknum is not trainable), counted on a real model."""
-    from peft import AdaLoraConfig, get_peft_model
-
-    layers = torch.nn.ModuleDict({f"l{k}": torch.nn.Linear(i, o) for k, (i, o) in enumerate(zip(d_in, d_out))})
-    model = torch.nn.Module()
-    model.layers = layers
-    config = AdaLoraConfig(init_r=init_r, target_r=max(1, init_r - 1), target_modules=list(layers.keys()),
-                           total_step=10)
-    peft_model = get_peft_model(model, config)
-    return sum(p.numel() for n, p in peft_model.named_parameters() if p.requires_grad)
-
-
-def _count_cases(rng: random.Random):
-    compare = lambda g, e: compare_equal(g, e, what="the number of trainable parameters")  # noqa: E731
-    for _ in range(5):
-        k = rng.randint(1, 4)
-        d_in = [rng.randint(1, 64) for _ in range(k)]
-        d_out = [rng.randint(1, 64) for _ in range(k)]
-        init_r = rng.randint(2, 12)
-        yield Case((d_in, d_out, init_r), reference_adalora_trainable(d_in, d_out, init_r), compare)
-
-
-register(Exercise(
-    id="ch02.adalora_trainable", chapter=2, title="Counting AdaLoRA's trainable parameters", level="warm-up",
-    signature="fn(d_in: list[int], d_out: list[int], init_r: int) -> int  # one adapted Linear(d_in[k], d_out[k]) each",
-    task="How many trainable parameters does PEFT's AdaLoRA add when it adapts these Linear layers at init_r?",
-    hint="each layer gets P (d_out x r), Lambda (r x 1) and Q (r x d_in): r (d_in + d_out + 1); the base weights "
-         "are frozen and ranknum is a buffer-like parameter that does not train.",
-    cases=_count_cases))
