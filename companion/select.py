@@ -17,6 +17,13 @@ methods and ``paged_adamw_32bit`` on an NF4 + double-quantized base for the 4-bi
 does not count. The recommended config says whether gradient checkpointing is needed: it is switched off when
 the method also fits without it.
 
+**Several cards** (``n_gpus`` > 1): every footprint is per card, ``footprint(..., world_size=n_gpus, sharding=...)``,
+and fits means at most ``USABLE_FRACTION`` of one card. The sharding is FSDP unless ``sharding`` says ``"ddp"`` or
+``"device_map"``; with FSDP the 4-bit methods store their packed weights in the compute dtype
+(``bnb_4bit_quant_storage=torch.bfloat16``, the FSDP-QLoRA recipe), which FSDP needs to shard them.
+``batch_size`` is per card for FSDP and DDP, the whole batch for device_map. When nothing fits, the advice counts
+the cards of this size that would hold QLoRA with device_map and with FSDP.
+
 **Ranks**: LoRA ``r=8``; AdaLoRA ``init_r=12``, ``target_r=8`` (PEFT's ``AdaLoraConfig`` defaults). With a
 ``trainable_budget`` of B adapter parameters, ``r = B // (adapter parameters per rank)`` and AdaLoRA's
 ``target_r = B // (per rank, lora_E included)``, ``init_r = ceil(1.5 * target_r)`` (AdaLoRA paper §3.3 starts from
@@ -28,7 +35,7 @@ smallest adapted matrix adds parameters but no rank (``rank(B A) <= min(out, in)
 ``init_r`` orthonormal triplets (``companion.migrate.lora_to_adalora`` refuses it), so ``r`` and ``init_r`` are cut
 to it (``target_r`` to the largest value with ``ceil(1.5 * target_r)`` within it); and a rank whose footprint is
 not below full fine-tuning's is not parameter-efficient, so ranks are cut until every adapter method needs less
-memory than full fine-tuning (footprints are affine in the rank). Refused: a card below 1 GB or above
+memory than full fine-tuning (footprints grow with the rank: bisection). Refused: a card below 1 GB or above
 ``MAX_GPU_MEMORY_GB`` (no single accelerator; MB passed for GB), and a model so small that rank 1 already costs
 more than full fine-tuning.
 
@@ -49,12 +56,14 @@ more than full fine-tuning.
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import numbers
 import warnings
 from dataclasses import dataclass
 
-from .memory import DECODERS, ENCODERS, PUBLISHED_CONFIGS, _modules, footprint, gb
+from .memory import DECODERS, ENCODERS, PUBLISHED_CONFIGS, SHARDINGS, _modules, footprint, gb
 
 USABLE_FRACTION = 0.9  # CUDA context + allocator fragmentation, not counted by footprint
 MIN_GPU_MEMORY_GB, MAX_GPU_MEMORY_GB = 1, 1024  # one accelerator; the largest hold 288 GB (B300, MI355X) in 2025
@@ -62,6 +71,8 @@ PRIORITIES = ("accuracy", "memory", "speed")
 LEAF_LABELS = {"lora": "LoRA (16-bit)", "adalora": "AdaLoRA (16-bit)", "qlora": "QLoRA (NF4 + DQ)",
                "qlora-adalora": "QLoRA + AdaLoRA", "none": "Nothing fits on one card"}
 DEFAULT_R, DEFAULT_INIT_R, DEFAULT_TARGET_R = 8, 12, 8  # peft LoraConfig.r, AdaLoraConfig.init_r / target_r
+SHARDING_LABELS = {"fsdp": "FSDP", "ddp": "DDP", "device_map": "device_map"}
+MAX_FSDP_CARDS = 512  # the most cards of one size the "what would fit" advice counts up to
 
 
 @dataclass(frozen=True)
@@ -151,11 +162,17 @@ class Recommendation:
     config: dict  # settings to start from; {} when nothing fits
     alternatives: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()  # what was clamped, and why (ranks beyond the matrices or beyond full fine-tuning)
+    n_gpus: int = 1
+    sharding: str | None = None  # None on one card, else "fsdp", "ddp" or "device_map"
+    layout: str = ""  # the cards and what the method needs on each, e.g. "2 x 24 GB, FSDP: 20.10 GB per card"
 
     def __str__(self) -> str:
-        lines = [f"Recommendation: {LEAF_LABELS[self.method]}", "Why:"]
+        several = self.n_gpus > 1
+        label = (f"Nothing fits on {self.layout.split(':')[0]}" if several and self.method == "none"
+                 else LEAF_LABELS[self.method])
+        lines = [f"Recommendation: {label}"] + ([f"Layout: {self.layout}"] if several else []) + ["Why:"]
         lines += [f"  {node} -> {answer}: {reason}" for (node, answer), reason in zip(self.path, self.reasons)]
-        lines.append("Footprint with gradient checkpointing: "
+        lines.append(f"Footprint{' per card' if several else ''} with gradient checkpointing: "
                      + ", ".join(f"{m} {v:.2f} GB" for m, v in self.footprint_gb.items()))
         if self.config:
             lines.append("Start from: " + ", ".join(f"{k}={v!r}" for k, v in self.config.items()))
@@ -198,7 +215,7 @@ def _positive_int(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value > 0
 
 
-def _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget) -> None:
+def _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget, n_gpus, sharding) -> None:
     if isinstance(gpu_memory_gb, bool) or not isinstance(gpu_memory_gb, numbers.Real) \
             or not math.isfinite(gpu_memory_gb) or gpu_memory_gb <= 0:
         raise ValueError(f"gpu_memory_gb must be a positive number of GB (e.g. 24 for an RTX 4090), "
@@ -206,7 +223,7 @@ def _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget) -> No
     if not MIN_GPU_MEMORY_GB <= gpu_memory_gb <= MAX_GPU_MEMORY_GB:
         raise ValueError(f"gpu_memory_gb={gpu_memory_gb:g} is outside [{MIN_GPU_MEMORY_GB}, {MAX_GPU_MEMORY_GB}] GB, "
                          "the memory of one accelerator (the largest hold 288 GB); pass one card's memory in GB "
-                         "(24, not 24576 MB), and for several cards the memory of one")
+                         "(24, not 24576 MB), and for several cards the memory of one with n_gpus")
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}; choose one of {PRIORITIES}")
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -215,6 +232,11 @@ def _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget) -> No
     if trainable_budget is not None and not _positive_int(trainable_budget):
         raise ValueError(f"trainable_budget must be a positive integer number of adapter parameters or None "
                          f"(PEFT defaults: r=8, init_r=12, target_r=8), got {trainable_budget!r}")
+    if not _positive_int(n_gpus):
+        raise ValueError(f"n_gpus must be a positive integer number of cards of gpu_memory_gb each, got {n_gpus!r}")
+    if sharding is not None and sharding not in SHARDINGS:
+        raise ValueError(f"unknown sharding {sharding!r}; choose one of {SHARDINGS}, or None for FSDP on several "
+                         "cards")
 
 
 def _config(model) -> tuple[dict, str]:
@@ -244,26 +266,50 @@ def _check_seq_len(cfg: dict, name: str, seq_len: int) -> None:
                              f"pass seq_len <= {limit}")
 
 
-def _settings(cfg: dict, method: str, ranks: dict) -> dict:
-    """The footprint/PEFT settings of one method (the QLoRA recipe for the 4-bit ones)."""
+def _settings(cfg: dict, method: str, ranks: dict, cards: dict | None = None) -> dict:
+    """The footprint/PEFT settings of one method (the QLoRA recipe for the 4-bit ones) on ``cards``
+    (``{"world_size": n, "sharding": ...}``; None: one card)."""
     quantized, svd = method.startswith("qlora"), method.endswith("adalora")
     out = ({"init_r": ranks["init_r"], "target_r": ranks["target_r"]} if svd else {"r": ranks["r"]})
     out |= {"target_modules": "all-linear", "quantization": "nf4+dq" if quantized else None,
             "optimizer": "paged_adamw_32bit" if quantized else "adamw", "compute_dtype": "bfloat16"}
     if quantized and cfg["model_type"] in ENCODERS:
         out["skip_modules"] = ["classifier"]  # keep the trained head out of 4 bit (llm_int8_skip_modules)
+    if quantized and cards and cards["sharding"] == "fsdp":
+        out["quant_storage"] = "bfloat16"  # BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16): FSDP shards it
     return out
 
 
-def _total(cfg, method, settings, seq_len, batch_size, checkpointing) -> int:
+class _Key:
+    """A dict or list as an ``lru_cache`` argument: equal when their JSON is."""
+
+    def __init__(self, value):
+        self.value, self.text = value, json.dumps(value, sort_keys=True, default=repr)
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __eq__(self, other) -> bool:
+        return self.text == other.text
+
+
+def _total(cfg, method, settings, seq_len, batch_size, checkpointing, cards: dict | None = None) -> int:
+    """Bytes per card of ``method`` with ``settings`` on ``cards`` (None: one card); footprint is pure, so cached."""
+    return _cached_total(_Key(cfg), method, _Key(settings), seq_len, batch_size, checkpointing, _Key(cards or {}))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _cached_total(cfg: _Key, method, settings: _Key, seq_len, batch_size, checkpointing, cards: _Key) -> int:
+    cfg, settings, cards = cfg.value, settings.value, cards.value
     if method == "full":
         return footprint(cfg, "full", batch_size=batch_size, seq_len=seq_len,
-                         gradient_checkpointing=checkpointing).total_bytes
+                         gradient_checkpointing=checkpointing, **cards).total_bytes
     r = settings.get("init_r", settings.get("r"))
     return footprint(cfg, method, r=r, target_modules="all-linear", compute_dtype="bfloat16",
                      double_quant=settings["quantization"] is not None, optimizer=settings["optimizer"],
                      skip_modules=settings.get("skip_modules"), batch_size=batch_size, seq_len=seq_len,
-                     gradient_checkpointing=checkpointing).total_bytes
+                     gradient_checkpointing=checkpointing, quant_storage=settings.get("quant_storage", "uint8"),
+                     **cards).total_bytes
 
 
 def _ranks(cfg: dict, trainable_budget: int | None) -> dict:
@@ -289,11 +335,11 @@ def _smallest_adapted(cfg: dict) -> tuple[str, int, int]:
     return m.name.rsplit(".", 1)[-1], m.out, m.in_
 
 
-def _sized(cfg, ranks, trainable_budget, seq_len, batch_size) -> tuple[dict, dict, dict, list[str]]:
+def _sized(cfg, ranks, trainable_budget, seq_len, batch_size, cards=None) -> tuple[dict, dict, dict, list[str]]:
     """(ranks, settings, total bytes per method, notes): the ranks clamped to what the matrices and the memory of
-    full fine-tuning allow (module docstring), the settings and totals at those ranks."""
+    full fine-tuning allow (module docstring), the settings and totals (per card on ``cards``) at those ranks."""
     name, out, in_ = _smallest_adapted(cfg)
-    full = footprint(cfg, "full", batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=True)
+    full = footprint(cfg, "full", batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=True, **(cards or {}))
     ranks, notes = dict(ranks), []
     if trainable_budget is not None and trainable_budget >= full.total_params:
         notes.append(f"trainable_budget={trainable_budget:,} is at least the model's own {full.total_params:,} "
@@ -314,39 +360,55 @@ def _sized(cfg, ranks, trainable_budget, seq_len, batch_size) -> tuple[dict, dic
         clamp(key, min(out, in_), f"min(out, in) = {min(out, in_)} of the smallest adapted matrix, {name} ({out} x "
                                   f"{in_}): a larger rank adds parameters but no rank")
     methods = {"r": ("lora", "qlora"), "init_r": ("adalora", "qlora-adalora")}
-    settings = {m: _settings(cfg, m, ranks) for m in ("lora", "adalora", "qlora", "qlora-adalora")}
-    total = {m: _total(cfg, m, settings[m], seq_len, batch_size, True) for m in settings}
+    settings = {m: _settings(cfg, m, ranks, cards) for m in ("lora", "adalora", "qlora", "qlora-adalora")}
+    total = {m: _total(cfg, m, settings[m], seq_len, batch_size, True, cards) for m in settings}
     for key, pair in methods.items():
         if all(total[m] < full.total_bytes for m in pair):
             continue
-        limit = ranks[key]
-        for m in pair:  # footprints are affine in the rank: the largest rank below full fine-tuning's total
-            one = _total(cfg, m, settings[m] | {key: 1}, seq_len, batch_size, True)
-            step = _total(cfg, m, settings[m] | {key: 2}, seq_len, batch_size, True) - one
+
+        def below_full(rank: int) -> bool:
+            return all(_total(cfg, m, settings[m] | {key: rank}, seq_len, batch_size, True, cards) < full.total_bytes
+                       for m in pair)
+
+        for m in pair:
+            one = _total(cfg, m, settings[m] | {key: 1}, seq_len, batch_size, True, cards)
             if one >= full.total_bytes:
-                raise ValueError(f"{LEAF_LABELS[m]} at rank 1 on every Linear already needs {one:,} bytes, not less "
-                                 f"than full fine-tuning's {full.total_bytes:,}: this model is too small for an adapter "
-                                 "to save memory; fine-tune it fully (companion.memory.footprint(model, 'full'))")
-            limit = min(limit, 1 + (full.total_bytes - 1 - one) // step)
+                raise ValueError(f"{LEAF_LABELS[m]} at rank 1 on every Linear already needs {one:,} bytes, not "
+                                 f"less than full fine-tuning's {full.total_bytes:,}: this model is too small for an "
+                                 "adapter to save memory; fine-tune it fully (companion.memory.footprint(model, "
+                                 "'full'))")
+        limit, high = 1, ranks[key]  # footprints grow with the rank: bisect, below_full(limit) and not (high)
+        while high - limit > 1:
+            mid = (limit + high) // 2
+            limit, high = (mid, high) if below_full(mid) else (limit, mid)
         clamp(key, limit, f"{limit}, the largest rank at which {' and '.join(LEAF_LABELS[m] for m in pair)} need "
                           f"less memory than full fine-tuning ({gb(full.total_bytes)})")
         for m in pair:
-            settings[m] = _settings(cfg, m, ranks)
-            total[m] = _total(cfg, m, settings[m], seq_len, batch_size, True)
+            settings[m] = _settings(cfg, m, ranks, cards)
+            total[m] = _total(cfg, m, settings[m], seq_len, batch_size, True, cards)
     return ranks, settings, {"full": full.total_bytes, **total}, notes
 
 
-def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, priority: str = "accuracy",
-              seq_len: int = 512, batch_size: int = 1, tradeoffs: Tradeoffs | None = None) -> Recommendation:
-    """The method to fine-tune ``model`` with on one card of ``gpu_memory_gb`` GB (rules: module docstring)."""
-    _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget)
+def recommend(gpu_memory_gb, model, *, n_gpus: int = 1, sharding: str | None = None,
+              trainable_budget: int | None = None, priority: str = "accuracy", seq_len: int = 512, batch_size: int = 1,
+              tradeoffs: Tradeoffs | None = None) -> Recommendation:
+    """The method to fine-tune ``model`` with on ``n_gpus`` cards of ``gpu_memory_gb`` GB each, sharded with
+    ``sharding`` (None: FSDP on several cards), by the rules of the module docstring."""
+    _check(gpu_memory_gb, priority, seq_len, batch_size, trainable_budget, n_gpus, sharding)
     cfg, name = _config(model)
     _check_seq_len(cfg, name, seq_len)
+    if sharding == "device_map" and n_gpus > cfg["num_hidden_layers"]:
+        layers = cfg["num_hidden_layers"]
+        raise ValueError(f"device_map cannot split the {layers} layers of {name} over {n_gpus} cards, each card needs "
+                         f"a layer; pass n_gpus <= {layers} or sharding='fsdp'")
     t = tradeoffs or Tradeoffs()
     usable = USABLE_FRACTION * gpu_memory_gb * 1e9
-    seq_len, batch_size = int(seq_len), int(batch_size)
+    seq_len, batch_size, n_gpus = int(seq_len), int(batch_size), int(n_gpus)
     trainable_budget = None if trainable_budget is None else int(trainable_budget)
-    ranks, settings, total, notes = _sized(cfg, _ranks(cfg, trainable_budget), trainable_budget, seq_len, batch_size)
+    sharding = sharding or ("fsdp" if n_gpus > 1 else None)
+    cards = {"world_size": n_gpus, "sharding": sharding} if sharding else None
+    ranks, settings, total, notes = _sized(cfg, _ranks(cfg, trainable_budget), trainable_budget, seq_len, batch_size,
+                                           cards)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     fits = {m: total[m] <= usable for m in settings}
@@ -356,8 +418,12 @@ def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, prio
              "qlora_adalora_fits_and_gains": fits["qlora-adalora"] and gains}
     method, path = _walk(facts)
 
+    per = " per card" if n_gpus > 1 else ""
+    where = (f"on each card of {n_gpus} x {gpu_memory_gb:g} GB with {SHARDING_LABELS[sharding]}" if n_gpus > 1 else
+             f"on this {gpu_memory_gb:g} GB card" + (f" with {SHARDING_LABELS[sharding]}" if sharding else ""))
+
     def need(m: str) -> str:
-        return f"{gb(total[m])}, which {'fits' if fits[m] else 'does not fit'}"
+        return f"{gb(total[m])}{per}, which {'fits' if fits[m] else 'does not fit'}"
 
     gain = f"{t.adalora_accuracy_gain:+.2f} accuracy points over LoRA at the same budget ({t.source})"
     time = (f"{t.adalora_time_ratio:.3f}x LoRA's training time" if t.adalora_time_ratio else "time not reported")
@@ -367,10 +433,10 @@ def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, prio
              if min(t.adalora_time_ratio or 2, t.qlora_time_ratio or 2) < 1 else "")
     smaller = total["qlora"] <= total["qlora-adalora"]
     say = {
-        "N1": f"LoRA (r={ranks['r']}) on the 16-bit {name} needs {gb(total['lora'])} with gradient "
-              f"checkpointing and {gb(usable)} are usable on this {gpu_memory_gb:g} GB card "
+        "N1": f"LoRA (r={ranks['r']}) on the 16-bit {name} needs {gb(total['lora'])}{per} with gradient "
+              f"checkpointing and {gb(usable)} are usable {where} "
               f"({USABLE_FRACTION:.0%}), so it {'fits' if fits['lora'] else 'does not fit'}; full fine-tuning "
-              f"({gb(total['full'])}, more than every adapter method here) is outside this guide's choices: "
+              f"({gb(total['full'])}{per}, more than every adapter method here) is outside this guide's choices: "
               "adapters match it on GLUE (AdaLoRA paper Table 1: AdaLoRA 89.31 vs full 88.09; QLoRA paper "
               "Table 3: LoRA 88.8 vs full 88.6) but trail it on T5 instruction tuning (QLoRA Table 3, T5-11B: "
               "full 62.0 vs LoRA 60.7).",
@@ -379,7 +445,7 @@ def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, prio
                  "speed": f"16-bit LoRA does a subset of the others' work per step: AdaLoRA adds lora_E, the "
                           f"orthogonality regulariser and importance scores ({time}), QLoRA dequantizes every "
                           f"weight ({qtime}){noise}.",
-                 "memory": f"QLoRA needs {gb(total['qlora'])} instead of {gb(total['lora'])}, at "
+                 "memory": f"QLoRA needs {gb(total['qlora'])}{per} instead of {gb(total['lora'])}, at "
                            f"{t.qlora_accuracy_gain:+.2f} accuracy points ({t.source})."}[priority],
         "N3": f"AdaLoRA (init_r={ranks['init_r']}, target_r={ranks['target_r']}) needs {need('adalora')} and "
               f"changes accuracy by {gain}, at {time}.",
@@ -387,44 +453,92 @@ def recommend(gpu_memory_gb, model, *, trainable_budget: int | None = None, prio
               f"{t.qlora_accuracy_gain:+.2f} points against 16-bit LoRA, {qtime} ({t.source}).",
         "N5": f"The priority is {priority}: "
               + ("check whether AdaLoRA fits on the 4-bit base too." if priority == "accuracy" else
-                 f"plain QLoRA ({gb(total['qlora'])}) does less work per step than QLoRA + AdaLoRA "
+                 f"plain QLoRA ({gb(total['qlora'])}{per}) does less work per step than QLoRA + AdaLoRA "
                  f"({gb(total['qlora-adalora'])}{', which needs more memory' if smaller else ''}; AdaLoRA: "
                  f"{time}{noise})."),
         "N6": f"QLoRA + AdaLoRA (init_r={ranks['init_r']}, target_r={ranks['target_r']}) needs "
               f"{need('qlora-adalora')} and changes accuracy by {gain}.",
     }
     reasons = tuple(say[node] for node, _ in path)
+    cards_text = f"{n_gpus} x {gpu_memory_gb:g} GB" + (f", {SHARDING_LABELS[sharding]}" if sharding else "")
     if method == "none":
-        config, alternatives = {}, _elsewhere(cfg, total["qlora"], usable, seq_len, batch_size)
+        config, alternatives = {}, _elsewhere(cfg, total["qlora"], usable, seq_len, batch_size, cards, ranks["r"])
+        layout = f"{cards_text}: nothing fits (QLoRA needs {gb(total['qlora'])} per card)"
     else:
         config = {**settings[method], "gradient_checkpointing":
-                  _total(cfg, method, settings[method], seq_len, batch_size, False) > usable}
-        alternatives = tuple(f"{LEAF_LABELS[m]} also fits: {gb(total[m])}" for m in settings
+                  _total(cfg, method, settings[method], seq_len, batch_size, False, cards) > usable}
+        if cards:
+            config |= {"n_gpus": n_gpus, "sharding": sharding}
+        alternatives = tuple(f"{LEAF_LABELS[m]} also fits: {gb(total[m])}{per}" for m in settings
                              if fits[m] and m != method)
+        layout = f"{cards_text}: {gb(total[method])} per card ({LEAF_LABELS[method]})"
     return Recommendation(method, reasons, path, facts, {m: v / 1e9 for m, v in total.items()}, config,
-                          alternatives, tuple(notes))
+                          alternatives, tuple(notes), n_gpus, sharding, layout)
 
 
-def _elsewhere(cfg: dict, qlora_bytes: int, usable: float, seq_len: int, batch_size: int) -> tuple[str, ...]:
-    """What fits when nothing fits on this card: a bigger card, several of these, or a smaller model."""
+@functools.lru_cache(maxsize=None)
+def _params(name: str) -> int:
+    """Parameters of a published model."""
+    return footprint(name, "full").total_params
+
+
+def _smallest_fitting(lowest: int, highest: int, needs, usable: float) -> int | None:
+    """The fewest cards in [lowest, highest] on which ``needs(cards)`` bytes per card fit; per-card needs do not grow
+    with the number of cards (bisection). None when even ``highest`` cards are too few."""
+    if needs(highest) > usable:
+        return None
+    while lowest < highest:
+        mid = (lowest + highest) // 2
+        lowest, highest = (lowest, mid) if needs(mid) <= usable else (mid + 1, highest)
+    return lowest
+
+
+def _elsewhere(cfg: dict, qlora_bytes: int, usable: float, seq_len: int, batch_size: int,
+               cards: dict | None = None, r: int = DEFAULT_R) -> tuple[str, ...]:
+    """What fits when nothing fits on these cards: bigger cards, more of these (device_map, FSDP, QLoRA at rank
+    ``r``), a smaller model (QLoRA at PEFT's default rank)."""
     card = math.ceil(qlora_bytes / USABLE_FRACTION / 1e8) / 10  # GB, rounded up to 0.1
-    cards = math.ceil(qlora_bytes / usable)
+    n_gpus = cards["world_size"] if cards else 1
     kind = DECODERS if cfg["model_type"] in DECODERS else ENCODERS
     fitting = []
     for other, other_cfg in PUBLISHED_CONFIGS.items():
-        if other_cfg["model_type"] in kind:
-            settings = _settings(other_cfg, "qlora", {"r": DEFAULT_R})
-            report_total = _total(other_cfg, "qlora", settings, seq_len, batch_size, True)
+        if other_cfg["model_type"] in kind and not (cards and cards["sharding"] == "device_map"
+                                                    and other_cfg["num_hidden_layers"] < n_gpus):
+            settings = _settings(other_cfg, "qlora", {"r": DEFAULT_R}, cards)
+            report_total = _total(other_cfg, "qlora", settings, seq_len, batch_size, True, cards)
             if report_total <= usable:
-                fitting.append((footprint(other, "full").total_params, other, report_total))
-    largest = (f"The largest published model whose QLoRA (r={DEFAULT_R}) fits this card is {max(fitting)[1]} "
-               f"({gb(max(fitting)[2])})." if fitting else "No published model of this kind fits this card in QLoRA.")
-    single = (f"a single card of at least {card:g} GB holds it." if card <= MAX_GPU_MEMORY_GB else
-              f"more than any single card holds ({card:g} GB would be needed).")
-    return (f"QLoRA needs {gb(qlora_bytes)}: {single}",
-            f"On cards of this size, device_map='auto' would split it over {cards} cards "
-            "(naive model parallelism: one card computes at a time).",
-            largest)
+                fitting.append((_params(other), other, report_total))
+    here = "this card" if n_gpus == 1 else "these cards"
+    largest = (f"The largest published model whose QLoRA (r={DEFAULT_R}) fits {here} is {max(fitting)[1]} "
+               f"({gb(max(fitting)[2])}{' per card' if n_gpus > 1 else ''})." if fitting else
+               f"No published model of this kind fits {here} in QLoRA.")
+    if n_gpus == 1:
+        single = (f"QLoRA needs {gb(qlora_bytes)}: " + (f"a single card of at least {card:g} GB holds it."
+                  if card <= MAX_GPU_MEMORY_GB else f"more than any single card holds ({card:g} GB would be needed)."))
+    else:
+        single = (f"QLoRA needs {gb(qlora_bytes)} per card on {n_gpus} cards with "
+                  f"{SHARDING_LABELS[cards['sharding']]}: "
+                  + (f"{n_gpus} cards of at least {card:g} GB hold it." if card <= MAX_GPU_MEMORY_GB else
+                     f"more than any single card holds ({card:g} GB per card would be needed)."))
+    def needs(sharding: str):
+        settings = _settings(cfg, "qlora", {"r": r}, {"sharding": sharding})
+        return lambda n: _total(cfg, "qlora", settings, seq_len, batch_size, True,
+                                {"world_size": n, "sharding": sharding})
+
+    layers = cfg["num_hidden_layers"]
+    split = _smallest_fitting(min(2, layers), layers, needs("device_map"), usable)
+    split_text = (f"On cards of this size, device_map='auto' would split it over {split} cards (naive model "
+                  f"parallelism: one card computes at a time): {gb(needs('device_map')(split))} on the most loaded."
+                  if split else
+                  f"On cards of this size, device_map='auto' cannot hold it: split over all {layers} layers, the most "
+                  f"loaded card still needs {gb(needs('device_map')(layers))}.")
+    shard = _smallest_fitting(2, MAX_FSDP_CARDS, needs("fsdp"), usable)
+    shard_text = (f"With FSDP (BitsAndBytesConfig(bnb_4bit_quant_storage=torch.bfloat16)), {shard} cards of this "
+                  f"size hold QLoRA: {gb(needs('fsdp')(shard))} per card." if shard else
+                  f"With FSDP no number of these cards holds QLoRA: on {MAX_FSDP_CARDS} each still needs "
+                  f"{gb(needs('fsdp')(MAX_FSDP_CARDS))} (activations, quantization constants and the gathered layers "
+                  "are not shared).")
+    return single, split_text, largest, shard_text
 
 
 def main(argv=None) -> None:
@@ -436,12 +550,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--trainable-budget", type=int, default=None)
+    parser.add_argument("--n-gpus", type=int, default=1, help="cards of --gpu-memory-gb each")
+    parser.add_argument("--sharding", default=None, choices=SHARDINGS, help="default: FSDP on several cards")
     args = parser.parse_args(argv)
     if args.mermaid:
         print(mermaid(), end="")
         return
-    print(recommend(args.gpu_memory_gb, args.model, trainable_budget=args.trainable_budget, priority=args.priority,
-                    seq_len=args.seq_len, batch_size=args.batch_size))
+    print(recommend(args.gpu_memory_gb, args.model, n_gpus=args.n_gpus, sharding=args.sharding,
+                    trainable_budget=args.trainable_budget, priority=args.priority, seq_len=args.seq_len,
+                    batch_size=args.batch_size))
 
 
 if __name__ == "__main__":

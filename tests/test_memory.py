@@ -1,5 +1,9 @@
 """companion.memory against the bytes transformers/bitsandbytes store and the parameters PEFT trains."""
 
+import dataclasses
+import math
+import re
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -10,7 +14,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           Qwen2ForCausalLM, RobertaConfig, RobertaForSequenceClassification, RobertaModel)
 
 from companion.measure import stored_bytes
-from companion.memory import (PUBLISHED_CONFIGS, bits_per_parameter, bytes_4bit, footprint, gb)
+from companion.memory import (METHODS, PUBLISHED_CONFIGS, SHARDINGS, bits_per_parameter, bytes_4bit, footprint, gb)
 
 GQA = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
            intermediate_size=688, vocab_size=1000)  # k_proj, v_proj: 256 -> 64
@@ -43,10 +47,10 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
-def load_4bit(path, cls, double_quant, skip_modules=None):
+def load_4bit(path, cls, double_quant, skip_modules=None, quant_storage=torch.uint8):
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                     bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.bfloat16,
-                                    llm_int8_skip_modules=skip_modules)
+                                    llm_int8_skip_modules=skip_modules, bnb_4bit_quant_storage=quant_storage)
     return cls.from_pretrained(path, quantization_config=bnb_config, dtype=torch.bfloat16, device_map="cpu")
 
 
@@ -273,3 +277,176 @@ def test_compute_dtype_accepts_torch_dtypes_and_fp32_needs_no_master_copy():
     assert footprint("llama-7b", "qlora", compute_dtype=torch.bfloat16) == footprint("llama-7b", "qlora")
     fp32 = footprint("llama-7b", "full", compute_dtype="float32", master_weights=True)
     assert fp32.optimizer_bytes == 8 * fp32.total_params
+
+
+# --- several cards: per-card bytes ------------------------------------------------------------------------------
+
+def on_one_card(report):
+    """The report with the multi-card labels of a single-card run, to compare the bytes alone."""
+    return dataclasses.replace(report, world_size=1, sharding=None)
+
+
+@pytest.mark.parametrize("sharding", [None, *SHARDINGS], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", ["llama-2-7b", "roberta-base"])
+def test_one_card_is_the_single_card_footprint_whatever_the_sharding_and_storage(name, method, sharding):
+    kw = dict(r=4, target_modules="all-linear", double_quant=True, gradient_checkpointing=True, optimizer="adamw-8bit")
+    if method.startswith("qlora") and name == "roberta-base":
+        kw["skip_modules"] = ["classifier"]
+    single = footprint(name, method, **kw)
+    for storage in ("bfloat16", "float16", "float32") + (() if sharding == "fsdp" else ("uint8",)):
+        report = footprint(name, method, world_size=1, sharding=sharding, quant_storage=storage, **kw)
+        assert (report.world_size, report.sharding) == (1, sharding)
+        assert on_one_card(report) == single
+
+
+def per_rank(shape, world_size: int) -> int:
+    """Elements of one FSDP rank: dim 0 cut into world_size chunks, each padded to the first's ceil(dim0 / ws) rows."""
+    return math.ceil(shape[0] / world_size) * (math.prod(shape) // shape[0])
+
+
+def fsdp_bytes(model, world_size: int, single_card_activations: int) -> dict:
+    """Per-rank bytes of a (PEFT) model, from its own parameters: each sharded on dim 0 with padding; buffers and
+    the 4-bit QuantState whole on every rank; gradients in the parameter's dtype, AdamW 8 B per trained element,
+    AdaLoRA's three fp32 scores per lora_A/B/E element. ranknum is frozen (module docstring). Activations: the
+    single-card ones plus the unsharded root group (parameters + gradients) and the largest layer's parameters
+    twice and gradients once."""
+    out = dict.fromkeys(["weight_bytes", "adapter_bytes", "grad_bytes", "optimizer_bytes", "importance_bytes"], 0)
+    out["weight_bytes"] = sum(b.nbytes for b in model.buffers())
+    whole: dict = {}  # layer (None: root) -> [unsharded parameter bytes, unsharded gradient bytes]
+    for name, p in model.named_parameters():
+        rank_bytes = per_rank(p.shape, world_size) * p.element_size()
+        peft_added = any(key in name for key in ("lora_", "ranknum", "modules_to_save"))
+        out["adapter_bytes" if peft_added else "weight_bytes"] += rank_bytes
+        trained = p.requires_grad and "ranknum" not in name
+        if trained:
+            out["grad_bytes"] += rank_bytes
+            out["optimizer_bytes"] += 8 * per_rank(p.shape, world_size)
+        if re.search(r"lora_[ABE]\.", name) and "ranknum" not in name and hasattr(model, "peft_config") \
+                and model.peft_config["default"].peft_type.value == "ADALORA":
+            out["importance_bytes"] += 3 * rank_bytes
+        if (qs := getattr(p, "quant_state", None)) is not None:
+            out["weight_bytes"] += qs.absmax.nbytes + (qs.state2.absmax.nbytes + qs.offset.nbytes if qs.nested else 0)
+        layer = re.search(r"\.layers?\.(\d+)\.", name)
+        held = whole.setdefault(layer and int(layer[1]), [0, 0])
+        held[0] += p.numel() * p.element_size()
+        held[1] += p.numel() * p.element_size() if trained else 0
+    root_params, root_grads = whole.pop(None)
+    out["activation_bytes"] = (single_card_activations + root_params + root_grads
+                               + max(2 * params + grads for params, grads in whole.values()))
+    return out
+
+
+def meta_model(cls, cfg, peft_config=None):
+    """A bf16 model as from_pretrained(dtype=torch.bfloat16) builds it (fp32 rotary buffers), on the meta device."""
+    with torch.device("meta"):
+        model = cls._from_config(cfg, dtype=torch.bfloat16)
+        return get_peft_model(model, peft_config) if peft_config else model
+
+
+FSDP_CASES = {  # name: (config, footprint kwargs, model builder)
+    "full": (LlamaConfig(**GQA), dict(method="full"), lambda cfg, _: meta_model(LlamaForCausalLM, cfg)),
+    "lora": (LlamaConfig(**GQA), dict(method="lora", r=4, target_modules="all-linear"),
+             lambda cfg, _: meta_model(LlamaForCausalLM, cfg, LoraConfig(r=4, target_modules="all-linear"))),
+    "adalora": (LlamaConfig(**GQA), dict(method="adalora", r=4, target_modules="all-linear"),
+                lambda cfg, _: meta_model(LlamaForCausalLM, cfg, AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                                                               target_modules="all-linear"))),
+    "qlora-bf16-storage": (LlamaConfig(**GQA), dict(method="qlora", r=4, target_modules="all-linear",
+                                                     double_quant=True, quant_storage="bfloat16"),
+                           lambda cfg, paths: get_peft_model(
+                               load_4bit(paths["llama-gqa"], LlamaForCausalLM, True, quant_storage=torch.bfloat16),
+                               LoraConfig(r=4, target_modules="all-linear"))),
+    "roberta-seq-cls-lora": (RobertaConfig(**ENC), dict(method="lora", r=4, target_modules=["query", "value"]),
+                             lambda cfg, _: meta_model(RobertaForSequenceClassification, cfg, LoraConfig(
+                                 r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))),
+}
+
+
+@pytest.mark.parametrize("case", FSDP_CASES)
+def test_fsdp_rank_holds_a_padded_dim0_chunk_of_every_tensor_peft_and_bitsandbytes_create(checkpoints, case):
+    cfg, kw, build = FSDP_CASES[case]
+    model = build(cfg, checkpoints)
+    if case.startswith("qlora"):  # bitsandbytes views the packed codes in bf16: (n / 4, 1)
+        q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+        assert q_proj.dtype == torch.bfloat16 and q_proj.shape == (256 * 256 // 4, 1)
+    single = footprint(cfg, **kw, batch_size=2, seq_len=64)
+    for world_size in (2, 3, 7):  # 3, 7: padded chunks (256 rows, r=4, ranknum's single element)
+        report = footprint(cfg, **kw, batch_size=2, seq_len=64, world_size=world_size, sharding="fsdp")
+        expected = fsdp_bytes(model, world_size, single.activation_bytes)
+        assert {k: getattr(report, k) for k in expected} == expected, world_size
+        assert (report.world_size, report.sharding, report.trainable_params) == (world_size, "fsdp",
+                                                                                 single.trainable_params)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_holds_the_single_card_footprint_plus_a_bucket_copy_of_the_trainable_gradients(method):
+    kw = dict(double_quant=True, target_modules="all-linear", gradient_checkpointing=True)
+    single = footprint("llama-2-7b", method, **kw)
+    grad_element = 2 if method == "full" else 4  # bf16 weights; PEFT's fp32 adapters
+    for world_size in (2, 8):
+        ddp = footprint("llama-2-7b", method, world_size=world_size, sharding="ddp", **kw)
+        assert ddp.grad_bytes - single.grad_bytes == grad_element * single.trainable_params > 0
+        assert on_one_card(dataclasses.replace(ddp, grad_bytes=single.grad_bytes)) == single
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("vocab, seq_len, heaviest", [(1000, 16, 0), (32000, 512, 1)],
+                         ids=["layers-on-card-0", "logits-on-the-last-card"])
+def test_device_map_reports_the_most_loaded_card_of_an_even_layer_split(vocab, seq_len, heaviest, checkpointing):
+    cfg = LlamaConfig(**{**GQA, "num_hidden_layers": 5, "vocab_size": vocab})
+    model = meta_model(LlamaForCausalLM, cfg, LoraConfig(r=4, target_modules="all-linear"))
+    layers_on = [3, 2]  # 5 layers on 2 cards: the first card takes the extra one
+    first_layer = [0, 3]
+    cards = [dict.fromkeys(["weight_bytes", "adapter_bytes", "grad_bytes", "optimizer_bytes"], 0) for _ in range(2)]
+    cards[0]["weight_bytes"] += sum(b.nbytes for b in model.buffers())  # rotary inv_freq: with the embeddings
+    for name, p in model.named_parameters():
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        card = (int(layer[1]) >= first_layer[1]) if layer else (0 if "embed_tokens" in name else 1)
+        cards[card]["adapter_bytes" if "lora_" in name else "weight_bytes"] += p.nbytes
+        if p.requires_grad:
+            cards[card]["grad_bytes"] += p.nbytes
+            cards[card]["optimizer_bytes"] += 8 * p.numel()
+    common = dict(batch_size=2, seq_len=seq_len, gradient_checkpointing=checkpointing)
+    for card, k in enumerate(layers_on):  # activations of its layers; the last card also keeps the logits
+        only = footprint({**cfg.to_dict(), "num_hidden_layers": k}, "full", head="none", **common)
+        cards[card]["activation_bytes"] = only.activation_bytes + (2 * seq_len * vocab * (2 + 4) if card == 1 else 0)
+    assert max(range(2), key=lambda c: sum(cards[c].values())) == heaviest
+    report = footprint(cfg, "lora", r=4, target_modules="all-linear", world_size=2, sharding="device_map", **common)
+    assert {k: getattr(report, k) for k in cards[heaviest]} == cards[heaviest]
+    assert report.importance_bytes == 0 and (report.world_size, report.sharding) == (2, "device_map")
+
+
+def test_per_card_bytes_fall_with_more_cards_and_the_report_says_per_card():
+    kw = dict(r=8, target_modules="all-linear", double_quant=True, gradient_checkpointing=True,
+              quant_storage="bfloat16")
+    single = footprint("llama-2-70b", "qlora", **kw).total_bytes
+    fsdp = [footprint("llama-2-70b", "qlora", world_size=n, sharding="fsdp", **kw).total_bytes for n in (2, 4, 8)]
+    split = [footprint("llama-2-70b", "qlora", world_size=n, sharding="device_map", **kw).total_bytes
+             for n in (2, 4, 8)]
+    assert single > fsdp[0] > fsdp[1] > fsdp[2] and single > split[0] > split[1] > split[2]
+    assert "per card of 4 (fsdp)" in str(footprint("llama-2-70b", "qlora", world_size=4, sharding="fsdp", **kw))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(world_size=0, sharding="fsdp"), r"world_size must be a positive integer number of cards.*got 0"),
+    (dict(world_size=2.0, sharding="fsdp"), r"world_size must be a positive integer.*got 2\.0"),
+    (dict(world_size=True, sharding="ddp"), r"world_size must be a positive integer.*got True"),
+    (dict(world_size="2", sharding="ddp"), r"world_size must be a positive integer.*got '2'"),
+    (dict(world_size=2), r"world_size=2 needs a sharding: 'ddp' .*'fsdp' .*'device_map' .*pass sharding="),
+    (dict(world_size=2, sharding="zero3"), r"unknown sharding 'zero3'; choose one of None .*'ddp', 'fsdp' or "
+                                           r"'device_map'"),
+    (dict(quant_storage="int8"), r"unknown quant_storage 'int8' \(bnb_4bit_quant_storage\).*'bfloat16'"),
+    (dict(method="qlora", world_size=2, sharding="fsdp"),
+     r"Cannot flatten integer dtype tensors.*BitsAndBytesConfig\(bnb_4bit_quant_storage=torch\.bfloat16\).*"
+     r"quant_storage='bfloat16'"),
+    (dict(method="qlora-adalora", world_size=1, sharding="fsdp", compute_dtype="float16"),
+     r"FSDP cannot shard 4-bit weights stored as uint8.*torch\.float16.*quant_storage='float16'"),
+    (dict(world_size=33, sharding="device_map"), r"cannot split 32 layers over 33 cards.*pass world_size <= 32"),
+    (dict(config=dict(model_type="llama", hidden_size=6, num_hidden_layers=1, num_attention_heads=1,
+                      intermediate_size=10, vocab_size=100), method="qlora", quant_storage="float32"),
+     r"q_proj: 36 4-bit codes pack into 18 bytes, not a multiple of 4.*pass quant_storage='uint8'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_card_arguments_raise_naming_the_fix(kwargs, message):
+    kwargs = {"config": "llama-7b", "method": "lora", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        footprint(kwargs.pop("config"), **kwargs)

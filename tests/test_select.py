@@ -417,3 +417,97 @@ def test_a_negative_gain_is_reported_as_a_change_not_a_gain():
     rec = recommend(24, "llama-2-7b", tradeoffs=Tradeoffs(adalora_accuracy_gain=-0.5))
     assert rec.method == "lora" and "changes accuracy by -0.50 accuracy points" in rec.reasons[2]
     assert "gains -0.50" not in rec.reasons[2]
+
+
+# --- several cards ----------------------------------------------------------------------------------------------
+
+def per_card(model, method, n_gpus, sharding="fsdp") -> int:
+    """``total`` on ``n_gpus`` cards: FSDP stores the 4-bit weights in bf16 (bnb_4bit_quant_storage), as it must."""
+    kw = {}
+    if method != "full":
+        kw = dict(r=12 if method.endswith("adalora") else 8, target_modules="all-linear", compute_dtype="bfloat16")
+    if method.startswith("qlora"):
+        kw |= dict(double_quant=True, optimizer="paged_adamw_32bit",
+                   quant_storage="bfloat16" if sharding == "fsdp" else "uint8")
+    return footprint(model, method, gradient_checkpointing=True, world_size=n_gpus, sharding=sharding,
+                     **kw).total_bytes
+
+
+def test_one_card_advice_is_unchanged_by_naming_n_gpus_1():
+    for gpu_gb, model in [(24, "llama-2-7b"), (48, "llama-65b"), (24, "llama-2-70b"), (4, "roberta-large")]:
+        assert recommend(gpu_gb, model, n_gpus=1) == recommend(gpu_gb, model)
+        rec = recommend(gpu_gb, model)
+        assert (rec.n_gpus, rec.sharding) == (1, None) and "n_gpus" not in rec.config and "Layout" not in str(rec)
+
+
+@pytest.mark.parametrize("sharding", [None, "fsdp", "ddp", "device_map"], ids=str)
+def test_several_cards_decide_on_the_per_card_footprint_of_the_sharding(sharding):
+    rec = recommend(24, "llama-2-13b", n_gpus=2, sharding=sharding)
+    used = sharding or "fsdp"  # several cards: FSDP unless told otherwise
+    assert (rec.n_gpus, rec.sharding) == (2, used)
+    for method in ("full", "lora", "adalora", "qlora", "qlora-adalora"):
+        assert rec.footprint_gb[method] == per_card("llama-2-13b", method, 2, used) / 1e9, method
+    assert rec.facts["lora_fits"] == (per_card("llama-2-13b", "lora", 2, used) <= usable(24))
+    assert rec.facts["qlora_fits"] == (per_card("llama-2-13b", "qlora", 2, used) <= usable(24))
+
+
+# Chapter 7's scenarios on two cards; the chapter's prose reports what recommend prints here
+MULTI_GPU_SCENARIOS = [(24, "llama-2-70b"), (48, "llama-65b"), (16, "llama-2-13b")]  # RTX 4090s, A6000s, T4s
+
+
+@pytest.mark.parametrize("gpu_gb, model", MULTI_GPU_SCENARIOS)
+def test_chapter_7_two_card_scenarios_report_per_card_memory_and_the_fsdp_recipe(gpu_gb, model):
+    rec = recommend(gpu_gb, model, n_gpus=2)
+    print(f"\n{rec}")
+    assert (rec.n_gpus, rec.sharding) == (2, "fsdp")
+    assert rec.layout.startswith(f"2 x {gpu_gb} GB, FSDP: ")
+    for method, gb_per_card in rec.footprint_gb.items():
+        assert gb_per_card == per_card(model, method, 2) / 1e9 < footprint(model, method).total_bytes / 1e9
+    fits = {m: per_card(model, m, 2) <= usable(gpu_gb) for m in ("lora", "qlora")}
+    assert (rec.facts["lora_fits"], rec.facts["qlora_fits"]) == (fits["lora"], fits["qlora"])
+    assert f"on each card of 2 x {gpu_gb} GB with FSDP" in rec.reasons[0] and " per card" in rec.reasons[0]
+    if rec.method == "none":
+        assert rec.config == {} and f"Nothing fits on 2 x {gpu_gb} GB, FSDP" in str(rec)
+    else:
+        assert f"{rec.footprint_gb[rec.method]:.2f} GB per card" in rec.layout
+        assert (rec.config["n_gpus"], rec.config["sharding"]) == (2, "fsdp")
+        assert rec.config.get("quant_storage") == ("bfloat16" if rec.method.startswith("qlora") else None)
+        assert f"Layout: {rec.layout}" in str(rec)
+
+
+def smallest_count(model, sharding, gpu_gb, counts) -> int | None:
+    """The fewest cards among ``counts`` on which QLoRA (r=8) fits, by trying each in turn."""
+    return next((n for n in counts if per_card(model, "qlora", n, sharding) <= usable(gpu_gb)), None)
+
+
+@pytest.mark.parametrize("gpu_gb, n_gpus", [(24, 1), (12, 2)])
+def test_nothing_fits_counts_the_cards_of_this_size_that_would_hold_qlora(gpu_gb, n_gpus):
+    rec = recommend(gpu_gb, "llama-2-70b", n_gpus=n_gpus)
+    assert rec.method == "none"
+    split = int(re.search(r"split it over (\d+) cards", rec.alternatives[1])[1])
+    shards = int(re.search(r"FSDP .*?, (\d+) cards of this size hold QLoRA", rec.alternatives[3])[1])
+    assert split == smallest_count("llama-2-70b", "device_map", gpu_gb, range(2, 81))
+    assert shards == smallest_count("llama-2-70b", "fsdp", gpu_gb, range(2, 64)) > n_gpus
+    assert f"{per_card('llama-2-70b', 'qlora', shards, 'fsdp') / 1e9:.2f} GB per card" in rec.alternatives[3]
+
+
+def test_a_model_no_number_of_these_cards_holds_is_told_so():
+    rec = recommend(4, "llama-2-70b", n_gpus=2, seq_len=4096, batch_size=64)
+    assert rec.method == "none"
+    assert "device_map='auto' cannot hold it" in rec.alternatives[1]
+    assert "With FSDP no number of these cards holds QLoRA" in rec.alternatives[3]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_gpus=0), r"n_gpus must be a positive integer number of cards of gpu_memory_gb each, got 0"),
+    (dict(n_gpus=-2), r"n_gpus must be a positive integer.*got -2"),
+    (dict(n_gpus=1.5), r"n_gpus must be a positive integer.*got 1\.5"),
+    (dict(n_gpus=True), r"n_gpus must be a positive integer.*got True"),
+    (dict(n_gpus="2"), r"n_gpus must be a positive integer.*got '2'"),
+    (dict(n_gpus=2, sharding="zero3"), r"unknown sharding 'zero3'; choose one of \('ddp', 'fsdp', 'device_map'\)"),
+    (dict(n_gpus=33, sharding="device_map"), r"cannot split the 32 layers of llama-2-7b over 33 cards.*pass "
+                                             r"n_gpus <= 32 or sharding='fsdp'"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_card_counts_and_shardings_raise_naming_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        recommend(24, "llama-2-7b", **kwargs)
