@@ -16,6 +16,7 @@ One module per concept, in the order the book teaches them:
 - :mod:`companion.train`     -- one small training loop shared by the chapters, and a Trainer recipe
 - :mod:`companion.bench`     -- the comparison harness: five methods, equal budgets, results files, plots (Chapter 6)
 - :mod:`companion.select`    -- `recommend`: which method fits which card, and the decision tree it draws (Chapter 7)
+- :mod:`companion.fsdp_qlora` -- QLoRA sharded over several GPUs (or CPU processes) with FSDP2, under torchrun (Chapter 7)
 - :mod:`companion.migrate`   -- a trained LoRA/QLoRA adapter into AdaLoRA through an SVD (Chapter 7)
 - :mod:`companion.pissa`     -- PiSSA initialisation, equal to PEFT's (Chapter 7)
 - :mod:`companion.exercises` -- graded exercises of every chapter, ``check``, and the teachers' ``grade`` command

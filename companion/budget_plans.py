@@ -165,6 +165,15 @@ def ch07_selection(*, STEPS, PISSA_SEEDS, **_):
             Run("LoRA and PiSSA, two scalings x seeds", method="lora", r=4, repeats=4 * seeds, **common)]
 
 
+@_plan
+def ch07_multi_gpu(*, STEPS, GLOBAL_BATCH, GPU_MODEL, **_):
+    # A T4 runtime has one GPU: torchrun starts one rank (FSDP with nothing to shard), then the one-process
+    # reference loads the same 4-bit model again; float32 compute (no bfloat16 on a T4), sequences of 64 tokens.
+    return [Run(f"FSDP QLoRA on {GPU_MODEL} (one rank on a T4) and the one-process reference", GPU_MODEL, "qlora",
+                "float32", batch_size=GLOBAL_BATCH, seq_len=64, steps=STEPS, repeats=2, gradient_checkpointing=True,
+                target_modules="all-linear")]
+
+
 def plan(notebook: str, **params) -> list[Run]:
     """The runs of ``notebook``'s ``gpu`` profile (name without ``.ipynb``) for these parameters."""
     if notebook not in PLANS:

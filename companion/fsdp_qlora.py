@@ -1,4 +1,4 @@
-"""QLoRA sharded over processes with FSDP2: the course's distributed training entry point (Chapter 5).
+"""QLoRA sharded over processes with FSDP2: the course's distributed training entry point (Chapter 7).
 
 Run it on N processes with torchrun, or in one process without torchrun as the reference::
 

@@ -149,3 +149,11 @@ def test_torchrun_stops_an_uneven_global_batch_before_loading_a_model(tmp_path):
     rc, _, stderr = finished(entry_point(tmp_path, "--global-batch", "5", nproc=2), timeout=120)
     assert rc != 0 and "--global-batch 5 does not split evenly over 2 processes" in stderr
     assert "use --global-batch 6" in stderr and not (tmp_path / "base").exists()
+
+
+def test_each_ranks_bytes_are_what_footprint_estimates_for_fsdp(runs):
+    world_size = runs["fsdp"]["metrics"]["world_size"]
+    report = footprint(tiny_llama_config(), "qlora", r=8, target_modules="all-linear", double_quant=True,
+                       compute_dtype="float32", world_size=world_size, sharding="fsdp", quant_storage="bfloat16")
+    for rank in runs["fsdp"]["metrics"]["bytes_per_rank"]:
+        assert (rank["weight_bytes"], rank["adapter_bytes"]) == (report.weight_bytes, report.adapter_bytes)
