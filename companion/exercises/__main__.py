@@ -3,7 +3,7 @@
     python -m companion.exercises list [--chapter N] [--markdown]
     python -m companion.exercises grade SUBMISSIONS_DIR --out grades.csv [--chapter N | --exercise ID ...]
                                         [--timeout SECONDS] [--jobs N] [--seed N]
-    python -m companion.exercises student [--check]
+    python -m companion.exercises student [--check] [--root DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p_grade = sub.add_parser("grade", help="grade a folder of .py/.ipynb submissions into a CSV")
     p_grade.add_argument("folder", type=Path)
     p_grade.add_argument("--out", type=Path, required=True, help="the CSV to write (one row per student and exercise)")
-    p_grade.add_argument("--chapter", type=int, default=None, help="grade this chapter's exercises (rows for all)")
+    p_grade.add_argument("--chapter", type=int, default=None, help="grade only this chapter's exercises: every file gets a row for each, 'missing' where it lacks the "
+                              "function")
     p_grade.add_argument("--exercise", action="append", default=None, help="grade this id (repeatable)")
     p_grade.add_argument("--timeout", type=float, default=300, help="seconds per submission (default 300)")
     p_grade.add_argument("--jobs", type=int, default=2, help="submissions graded at once (default 2)")

@@ -33,6 +33,11 @@ def describe(value: Any, limit: int = 8) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an int", "a float"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
 def _num(v) -> str:
     return f"{v:.7g}" if isinstance(v, float) else repr(v)
 
@@ -50,9 +55,10 @@ def compare_tensor(got, expected: torch.Tensor, *, rtol: float | None = None, at
         return f"{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
     got = got.detach().cpu()
     if rtol == 0 and atol == 0:
-        same = torch.equal(got, expected) or bool((got == expected) | (got.isnan() & expected.isnan())
-                                                  if got.is_floating_point() else got == expected).all()
-        if same:
+        equal = got == expected
+        if got.is_floating_point():
+            equal |= got.isnan() & expected.isnan()  # NaN where the reference has NaN counts as equal
+        if bool(equal.all()):
             return None
         bad = (got != expected).reshape(-1).nonzero().reshape(-1)
     else:
@@ -82,7 +88,7 @@ def compare_number(got, expected: float, *, rel: float = 1e-9, abs_: float = 0.0
         got = got.item()
     if isinstance(got, bool) or not isinstance(got, kind):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        return f"{what} must be a {names}, got {type(got).__name__} ({describe(got)})"
+        return f"{what} must be {_a(names)}, got {type(got).__name__} ({describe(got)})"
     if math.isclose(got, expected, rel_tol=rel, abs_tol=abs_):
         return None
     return f"{what} is {_num(got)}, expected {_num(expected)}"
@@ -92,7 +98,7 @@ def compare_equal(got, expected, what: str = "the result") -> str | None:
     """``got == expected`` (same type family), for ints, strings, booleans, tuples of them."""
     if type(got) is not type(expected) and not (isinstance(got, int) and isinstance(expected, int)
                                                and not isinstance(got, bool)):
-        return f"{what} must be a {type(expected).__name__}, got {type(got).__name__} ({describe(got)})"
+        return f"{what} must be {_a(type(expected).__name__)}, got {type(got).__name__} ({describe(got)})"
     if got == expected:
         return None
     return f"{what} is {describe(got)}, expected {describe(expected)}"

@@ -117,8 +117,8 @@ def list_exercises(chapter: int | None = None) -> list[dict]:
 @dataclass
 class CheckResult:
     """What :func:`check` found. ``passed`` is True only if every case was right; ``message`` gives the
-    first failing case (inputs, expected, got, hint); ``cases`` counts the cases checked; ``seed``
-    redraws the same cases (``check(id, fn, seed=...)``)."""
+    first failing case (inputs, expected, got, hint); ``cases`` counts the cases that matched before it (all
+    of them when passed); ``seed`` redraws the same cases (``check(id, fn, seed=...)``)."""
 
     exercise_id: str
     passed: bool
@@ -232,6 +232,14 @@ def _call_description(case: Case) -> str:
     return f"fn({', '.join(parts)})"
 
 
+def _values(expected, got) -> str:
+    """" Expected ..., got ..." for tensors and containers; nothing for a number or a string, whose
+    comparison sentence already states both."""
+    if isinstance(expected, (int, float, str, bool)) and isinstance(got, (int, float, str, bool)):
+        return ""
+    return f" Expected {describe(expected)}, got {describe(got)}."
+
+
 def _reference_message(exercise: Exercise, hit: ReferenceCall) -> str:
     return (f"your function calls {hit.function} from {hit.package}, which this exercise is graded against; "
             f"compute it yourself (not allowed here: {', '.join(exercise.forbidden)})")
@@ -303,7 +311,7 @@ def check(exercise_id: str, fn: Callable, *, seed: int | None = None) -> CheckRe
         if wrong:
             return result(False, "failed",
                           f"case {n} of {len(cases)}{' [' + case.note + ']' if case.note else ''}: "
-                          f"{_call_description(case)}: {wrong}. Expected {describe(case.expected)}, got "
-                          f"{describe(got)}. Hint: {exercise.hint} {replay}", n - 1)
-    return result(True, "passed", f"all {len(cases)} case{'s' if len(cases) != 1 else ''} match the reference",
-                  len(cases))
+                          f"{_call_description(case)}: {wrong}.{_values(case.expected, got)} Hint: {exercise.hint} "
+                          f"{replay}", n - 1)
+    return result(True, "passed", "the 1 case matches the reference" if len(cases) == 1 else
+                  f"all {len(cases)} cases match the reference", len(cases))

@@ -23,29 +23,35 @@ from .core import check, get_exercise, list_exercises
 MAGIC = ("!", "%")
 
 
-def _cells(path: Path) -> list[str]:
+def _cells(path: Path) -> list[tuple[str, str]]:
+    """``(where, source)`` of each piece to run: the file, or each code cell (numbered as Jupyter shows the
+    notebook, every cell counted from 1) without its ``!``/``%`` lines, leaving out the notebook's own
+    ``check(...)`` cells."""
     if path.suffix == ".ipynb":
         nb = json.loads(path.read_text())
-        cells = ["".join(c["source"]) for c in nb.get("cells", []) if c.get("cell_type") == "code"]
         kept = []
-        for src in cells:
-            lines = [ln for ln in src.splitlines() if not ln.lstrip().startswith(MAGIC)]
+        for k, cell in enumerate(nb.get("cells", []), start=1):
+            if cell.get("cell_type") != "code":
+                continue
+            lines = [ln for ln in "".join(cell["source"]).splitlines() if not ln.lstrip().startswith(MAGIC)]
             code = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
             if code and all(ln.lstrip().startswith("check(") for ln in code):
                 continue  # the notebook's own grading cells: the grader does that itself
-            kept.append("\n".join(lines))
+            kept.append((f"cell {k}", "\n".join(lines)))
         return kept
-    return [path.read_text()]
+    return [(path.name, path.read_text())]
 
 
 def load(path: Path) -> tuple[dict, list[str]]:
-    """The namespace the submission defines, and one line per error met while loading it."""
+    """The namespace the submission defines, and one line per error met while loading it (a cell that calls a
+    stub still raising ``NotImplementedError`` is expected in a student notebook and not listed)."""
     namespace: dict = {"__name__": "submission", "__file__": str(path)}
     errors = []
-    for k, source in enumerate(_cells(path)):
-        where = f"cell {k}" if path.suffix == ".ipynb" else path.name
+    for where, source in _cells(path):
         try:
             exec(compile(source, f"<{path.name} {where}>", "exec"), namespace)
+        except NotImplementedError:
+            continue
         except KeyboardInterrupt:
             raise
         except BaseException as err:  # SystemExit too: keep what was defined before it
