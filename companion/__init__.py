@@ -5,7 +5,8 @@ One module per concept, in the order the book teaches them:
 - :mod:`companion.profiles`  -- the ``ci`` / ``gpu`` notebook profiles, seeding, device checks
 - :mod:`companion.models`    -- offline MiniLM, tiny Llama-architecture models, hub models
 - :mod:`companion.data`      -- generated sentiment and instruction datasets
-- :mod:`companion.memory`    -- memory accounting for full, LoRA, AdaLoRA and QLoRA fine-tuning
+- :mod:`companion.architectures` -- published model configs and the parameter tensors they define
+- :mod:`companion.memory`    -- memory accounting for full, LoRA, AdaLoRA and QLoRA fine-tuning, on one card or several
 - :mod:`companion.measure`   -- bytes a loaded model really stores (incl. 4-bit state)
 - :mod:`companion.gradstats` -- per-module gradient-norm recording (Chapter 1)
 - :mod:`companion.adalora`   -- AdaLoRA from scratch, equal to PEFT (Chapters 2-3)
