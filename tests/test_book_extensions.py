@@ -160,3 +160,29 @@ def test_without_chromium_the_check_says_how_to_install_it(tmp_path, monkeypatch
     assert check_offline.main(["--html", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "apt-get install chromium" in err and "playwright install chromium" in err
+
+
+def test_the_table_of_contents_captions_are_translated_in_the_chinese_edition(tmp_path):
+    from babel.messages.catalog import Catalog
+    from babel.messages.mofile import write_mo
+    from sphinx import addnodes
+
+    catalog = Catalog(locale="zh_CN")
+    catalog.add("Chapters", "章节")
+    mo = tmp_path / "locale" / "zh_CN" / "LC_MESSAGES" / "book" / "toc_test.mo"
+    mo.parent.mkdir(parents=True)
+    with mo.open("wb") as handle:
+        write_mo(handle, catalog)
+
+    def doctree_and_app(language):
+        document = new_document("x")
+        document += [addnodes.toctree(caption="Chapters"), addnodes.toctree(caption="Untranslated")]
+        config = SimpleNamespace(language=language, gettext_compact=False, locale_dirs=["locale"])
+        return document, SimpleNamespace(config=config, env=SimpleNamespace(docname="book/toc_test"), srcdir=str(tmp_path))
+
+    document, app = doctree_and_app("zh_CN")
+    editions._toc_captions(app, document)
+    assert [t["caption"] for t in document.findall(addnodes.toctree)] == ["章节", "Untranslated"]
+    document, app = doctree_and_app("en")
+    editions._toc_captions(app, document)
+    assert [t["caption"] for t in document.findall(addnodes.toctree)] == ["Chapters", "Untranslated"]

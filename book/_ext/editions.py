@@ -7,13 +7,22 @@ caption by its translation from ``locale/zh_CN/LC_MESSAGES/<page>.po``. Both bui
 same executed notebooks from the jupyter-cache, so no notebook runs twice.
 
 This extension gives each page a link to the same page in the other edition (and a
-``<link rel="alternate" hreflang=...>``), and sets the edition's title and search-box text.
+``<link rel="alternate" hreflang=...>``), sets the edition's title and search-box text, and
+translates the captions of the table of contents ("Getting started", "Chapters", ...):
+``sphinx-external-toc`` inserts those toctrees after Sphinx's translation transform has run, so
+they are looked up here in the root page's catalogue, where the gettext builder extracted them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from docutils import nodes
+from sphinx import addnodes
 from sphinx.application import Sphinx
 from sphinx.config import Config
+from sphinx.locale import init as init_locale
+from sphinx.util.i18n import docname_to_domain
 
 # language -> (path of the edition's root below the English root, link label, book title, search text)
 EDITIONS = {
@@ -50,6 +59,19 @@ def _titles(app: Sphinx, config: Config) -> None:
         config.html_theme_options = dict(config.html_theme_options, search_bar_text=search)
 
 
+def _toc_captions(app: Sphinx, doctree: nodes.document) -> None:
+    if edition_of(app.config.language) == "en":
+        return
+    toctrees = [t for t in doctree.findall(addnodes.toctree) if t.get("caption")]
+    if not toctrees:
+        return
+    domain = docname_to_domain(app.env.docname, app.config.gettext_compact)
+    dirs = [str(Path(app.srcdir, d)) for d in app.config.locale_dirs]
+    catalog, _ = init_locale(dirs, app.config.language, domain)
+    for toctree in toctrees:
+        toctree["caption"] = catalog.gettext(toctree["caption"])
+
+
 def _switch_link(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
     if "body" not in context:
         return
@@ -61,6 +83,7 @@ def _switch_link(app: Sphinx, pagename: str, templatename: str, context: dict, d
 
 def setup(app: Sphinx) -> dict:
     app.connect("config-inited", _titles)
+    app.connect("doctree-read", _toc_captions, priority=400)
     app.connect("html-page-context", _switch_link)
     app.add_css_file("editions.css")
     return {"version": "1.0", "parallel_read_safe": True, "parallel_write_safe": True}
