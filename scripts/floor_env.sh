@@ -31,7 +31,11 @@ fi
 
 if [[ ${1:-} == --test ]]; then
     start=$(date +%s)
-    "$BIN/python" -m pytest tests -q -p no:cacheprovider
+    # The book's own tooling (the Chinese edition's catalogues, the Sphinx extensions, the offline
+    # check) needs Sphinx and babel from the `book` extra, which the floor leaves out: it is tested
+    # in .venv/ (make unit), not at the companion's floors.
+    "$BIN/python" -m pytest tests -q -p no:cacheprovider \
+        --ignore=tests/test_translation.py --ignore=tests/test_book_extensions.py
     echo "floor_env: unit tests passed in $(( $(date +%s) - start )) s"
     # The gpu-profile rehearsal of Chapter 5 (tests/rehearsal: stand-in hub checkpoints and data sets,
     # TRL's SFTTrainer on a pretend T4; the main environment rehearses the RTX card too) at the floor versions.
