@@ -56,10 +56,14 @@ def collect() -> dict[str, str]:
 
 
 def book_facts(which=shutil.which) -> dict[str, str]:
-    """Where each edition of the book is built, and the browser the offline check needs."""
+    """Where each edition of the book is built, the npm its first build fetches Mermaid with, and
+    the browser the offline check needs (``which`` looks a program up on PATH, as ``shutil.which``)."""
     facts = {label: f"{path} (make book builds both; open it from disk, no network needed)"
              for label, path in EDITIONS.items()}
     facts["Chinese edition"] = facts["Chinese edition"].replace("(", "(中文版; ", 1)
+    facts["npm (Mermaid for the book)"] = which("npm") or (
+        "not found: sudo apt-get install npm (Debian/Ubuntu) or conda install -c conda-forge nodejs; "
+        "the first book build fetches Mermaid's bundle with it (npm pack), later builds do not")
     browser = next((found for name in CHROMIUM_NAMES if (found := which(name))), None)
     facts["offline check browser"] = browser or (
         "not found: sudo apt-get install chromium (Debian/Ubuntu), or python -m playwright install chromium; "

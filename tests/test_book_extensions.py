@@ -4,6 +4,7 @@
 import base64
 import hashlib
 import io
+import os
 import tarfile
 from types import SimpleNamespace
 
@@ -84,39 +85,63 @@ def _tarball(payload: bytes) -> bytes:
     return buffer.getvalue()
 
 
-class _Response(io.BytesIO):
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def _fake_npm(tmp_path, monkeypatch, script: str) -> None:
+    """Put an ``npm`` on PATH that runs ``script`` (bash; $2 is the package, $4 the --pack-destination)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    npm.write_text("#!/bin/bash\n" + script)
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
 def test_the_mermaid_bundle_is_taken_only_from_a_tarball_with_the_pinned_hash(tmp_path, monkeypatch):
     data = _tarball(b"globalThis.mermaid = {};")
-    integrity = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    monkeypatch.setattr(offline.urllib.request, "urlopen", lambda url, timeout: _Response(data))
-    monkeypatch.setitem(offline.MERMAID_INTEGRITY, "0.0.1", integrity)
-    path = offline.mermaid_bundle("0.0.1", tmp_path)
+    (tmp_path / "good.tgz").write_bytes(data)
+    # What `npm pack mermaid@0.0.1 --pack-destination DIR` does: the tarball appears in DIR.
+    _fake_npm(tmp_path, monkeypatch, f'[ "$1 $2 $3" = "pack mermaid@0.0.1 --pack-destination" ] || exit 9\n'
+                                     f'cp {tmp_path / "good.tgz"} "$4/mermaid-0.0.1.tgz"\n')
+    monkeypatch.setitem(offline.MERMAID_INTEGRITY, "0.0.1", "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode())
+    vendor = tmp_path / "vendor"
+    path = offline.mermaid_bundle("0.0.1", vendor)
+    assert path == vendor / "mermaid-0.0.1" / "mermaid.min.js"
     assert path.read_bytes() == b"globalThis.mermaid = {};"
-    monkeypatch.setitem(offline.MERMAID_INTEGRITY, "0.0.2", "sha512-" + base64.b64encode(b"x" * 64).decode())
+    # The same tarball under a pin it does not match is refused and nothing is vendored.
+    monkeypatch.setitem(offline.MERMAID_INTEGRITY, "0.0.1", "sha512-" + base64.b64encode(b"x" * 64).decode())
+    path.unlink()
     with pytest.raises(ExtensionError, match="differs from the pinned"):
-        offline.mermaid_bundle("0.0.2", tmp_path)
-    assert not (tmp_path / "mermaid-0.0.2").exists()
+        offline.mermaid_bundle("0.0.1", vendor)
+    assert not path.exists()
 
 
-def test_a_missing_bundle_without_network_says_how_to_get_it(tmp_path, monkeypatch):
-    def refuse(url, timeout):
-        raise OSError("network is unreachable")
+def test_a_tarball_without_the_bundle_is_refused_by_name(tmp_path, monkeypatch):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.addfile(tarfile.TarInfo("package/README.md"), io.BytesIO(b""))
+    monkeypatch.setattr(offline, "_npm_pack", lambda spec, timeout: buffer.getvalue())
+    digest = base64.b64encode(hashlib.sha512(buffer.getvalue()).digest()).decode()
+    monkeypatch.setitem(offline.MERMAID_INTEGRITY, "0.0.3", f"sha512-{digest}")
+    with pytest.raises(ExtensionError, match="has no package/dist/mermaid.min.js"):
+        offline.mermaid_bundle("0.0.3", tmp_path)
 
-    monkeypatch.setattr(offline.urllib.request, "urlopen", refuse)
-    with pytest.raises(ExtensionError, match="could not be fetched .*network is unreachable.*npm pack mermaid@11.4.1"):
-        offline.mermaid_bundle("11.4.1", tmp_path)
+
+@pytest.mark.parametrize("script, reason", [
+    (None, "npm is not installed"),
+    ('echo "npm error code E404" >&2; exit 1\n', "npm error code E404"),
+])
+def test_a_missing_bundle_that_npm_cannot_fetch_says_how_to_get_it(tmp_path, monkeypatch, script, reason):
+    if script is None:
+        monkeypatch.setenv("PATH", str(tmp_path))  # no npm anywhere
+    else:
+        _fake_npm(tmp_path, monkeypatch, script)
+    with pytest.raises(ExtensionError, match=f"npm pack mermaid@11.4.1. could not fetch it .*{reason}.*apt-get install npm") as err:
+        offline.mermaid_bundle("11.4.1", tmp_path / "vendor")
+    assert str(tmp_path / "vendor" / "mermaid-11.4.1" / "mermaid.min.js") in str(err.value)
     with pytest.raises(ExtensionError, match="no pinned npm integrity hash"):
         offline.mermaid_bundle("9.9.9", tmp_path)
     (tmp_path / "mermaid-11.4.1").mkdir()
     (tmp_path / "mermaid-11.4.1" / "mermaid.min.js").write_text("// vendored")
-    assert offline.mermaid_bundle("11.4.1", tmp_path).read_text() == "// vendored"  # no network asked
+    assert offline.mermaid_bundle("11.4.1", tmp_path).read_text() == "// vendored"  # npm not asked
 
 
 def _facts(**changes):

@@ -31,9 +31,12 @@ def test_module_runs_from_the_command_line_and_prints_a_table():
 
 
 def test_book_facts_name_both_editions_and_how_to_get_the_browser():
-    found = check_env.book_facts(which=lambda name: "/usr/bin/chromium" if name == "chromium" else None)
+    found = check_env.book_facts(which=lambda name: f"/usr/bin/{name}" if name in ("chromium", "npm") else None)
+    assert found["npm (Mermaid for the book)"] == "/usr/bin/npm"
     assert found["English edition"].startswith("_build/html/index.html")
     assert found["Chinese edition"].startswith("_build/html/zh/index.html (中文版")
     assert found["offline check browser"] == "/usr/bin/chromium"
-    missing = check_env.book_facts(which=lambda name: None)["offline check browser"]
+    nothing = check_env.book_facts(which=lambda name: None)
+    assert nothing["npm (Mermaid for the book)"].startswith("not found") and "apt-get install npm" in nothing["npm (Mermaid for the book)"]
+    missing = nothing["offline check browser"]
     assert missing.startswith("not found") and "apt-get install chromium" in missing and "playwright install" in missing

@@ -8,14 +8,14 @@
   library's page script (themes, lazy rendering) and changes one thing: Mermaid comes from
   the classic bundle ``mermaid.min.js`` of the npm package ``mermaid@<mermaid_version>``,
   copied into ``_static/mermaid/`` and loaded by a plain ``<script>`` before that page script.
-  The bundle is taken from the npm registry's tarball once, checked against the registry's
-  sha512, and kept in ``_build/.vendor/`` (``offline_vendor_dir``).
+  The first build takes the package's tarball with npm's own client (``npm pack``), checks it
+  against the sha512 pinned here, and keeps the bundle in ``_build/.vendor/`` (``offline_vendor_dir``).
 * **Images**: the Colab badge the notebooks link to (``colab.research.google.com/assets/...``)
   is replaced in the pages by a local copy, ``book/_static/colab-badge.svg``; the notebooks
   themselves keep the official badge for GitHub and Colab.
 
-Errors: an ``ExtensionError`` naming the missing file and the command that fetches it when the
-Mermaid bundle is absent and the registry cannot be reached.
+Errors: an ``ExtensionError`` naming the missing file and how to get it when the Mermaid bundle is
+absent and ``npm`` is not installed or cannot fetch the package.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import hashlib
 import io
 import re
 import tarfile
-import urllib.request
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 from docutils import nodes
@@ -36,7 +38,7 @@ from sphinx.util import logging
 
 logger = logging.getLogger(__name__)
 
-# npm's "integrity" field for the tarballs this book pins (https://registry.npmjs.org/mermaid/<version>).
+# npm's "integrity" field of the tarballs this book pins (`npm view mermaid@<version> dist.integrity`).
 MERMAID_INTEGRITY = {
     "11.4.1": "sha512-Mb01JT/x6CKDWaxigwfZYuYmDZ6xtrNwNlidKZwkSrDaY9n90tdrJTV5Umk+wP1fZscGptmKFXHsXMDEVZ+Q6A==",
 }
@@ -45,11 +47,38 @@ STATIC = Path(__file__).resolve().parent.parent / "_static"
 _IMPORT = re.compile(r"^\s*import mermaid from [^;\n]*;?\s*$", re.MULTILINE)
 
 
-def mermaid_bundle(version: str, vendor_dir: Path, *, timeout: float = 60.0) -> Path:
-    """Path of ``mermaid.min.js`` for ``version``, fetched from the npm registry if not yet vendored.
+def _npm_pack(spec: str, timeout: float) -> bytes:
+    """The tarball of the npm package ``spec`` (``name@version``), fetched by ``npm pack``.
+
+    Raises ``FileNotFoundError`` when ``npm`` is not on PATH and ``RuntimeError`` (with npm's own
+    message) when it fails or runs past ``timeout`` seconds.
+    """
+    npm = shutil.which("npm")
+    if npm is None:
+        raise FileNotFoundError("npm is not installed")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            done = subprocess.run([npm, "pack", spec, "--pack-destination", tmp, "--silent"], cwd=tmp,
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"npm pack {spec} took more than {timeout:.0f} s") from exc
+        tarballs = list(Path(tmp).glob("*.tgz"))
+        if done.returncode != 0 or len(tarballs) != 1:
+            message = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"npm pack {spec} failed (exit {done.returncode}): {' '.join(message)}")
+        return tarballs[0].read_bytes()
+
+
+def mermaid_bundle(version: str, vendor_dir: Path, *, timeout: float = 300.0) -> Path:
+    """Path of ``mermaid.min.js`` (Mermaid ``version``), taken from its npm package if not yet vendored.
+
+    The bundle is kept as ``vendor_dir / f"mermaid-{version}" / "mermaid.min.js"``; a file already
+    there is used as it is, with no network. Otherwise ``npm pack mermaid@<version>`` fetches the
+    package (``timeout`` in seconds), whose sha512 must equal ``MERMAID_INTEGRITY[version]``.
 
     Raises ``ExtensionError`` for a version without a pinned integrity hash, a tarball whose sha512
-    differs from the pin, or a registry that cannot be reached while the file is missing.
+    differs from the pin, or a package that cannot be fetched (no npm, no network), naming the
+    file to copy in by hand.
     """
     target = vendor_dir / f"mermaid-{version}" / "mermaid.min.js"
     if target.is_file():
@@ -57,26 +86,29 @@ def mermaid_bundle(version: str, vendor_dir: Path, *, timeout: float = 60.0) -> 
     if version not in MERMAID_INTEGRITY:
         raise ExtensionError(
             f"mermaid_version = {version!r} has no pinned npm integrity hash in {__file__}: add "
-            f"the 'integrity' of https://registry.npmjs.org/mermaid/{version} to MERMAID_INTEGRITY."
+            f"the output of `npm view mermaid@{version} dist.integrity` to MERMAID_INTEGRITY."
         )
-    url = f"https://registry.npmjs.org/mermaid/-/mermaid-{version}.tgz"
+    spec = f"mermaid@{version}"
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
-    except OSError as exc:
+        data = _npm_pack(spec, timeout)
+    except (OSError, RuntimeError) as exc:
         raise ExtensionError(
-            f"The offline book needs Mermaid's bundle at {target}, and {url} could not be fetched "
-            f"({exc}). Build once with network, or copy package/dist/mermaid.min.js from that "
-            f"tarball (npm pack mermaid@{version}) to {target}."
+            f"The offline book needs Mermaid's bundle at {target}, and `npm pack {spec}` could not "
+            f"fetch it ({exc}). Install Node.js with npm (Debian/Ubuntu: apt-get install npm; conda: "
+            f"conda install -c conda-forge nodejs) and build again with network, or copy "
+            f"package/dist/mermaid.min.js from that package's tarball to {target}."
         ) from exc
     algorithm, expected = MERMAID_INTEGRITY[version].split("-", 1)
     digest = base64.b64encode(hashlib.new(algorithm, data).digest()).decode()
     if digest != expected:
-        raise ExtensionError(f"{url}: {algorithm} {digest} differs from the pinned {expected}; not used.")
+        raise ExtensionError(f"npm pack {spec}: {algorithm} {digest} differs from the pinned {expected}; not used.")
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-        bundle = tar.extractfile("package/dist/mermaid.min.js")
+        try:
+            bundle = tar.extractfile("package/dist/mermaid.min.js")
+        except KeyError:
+            bundle = None
         if bundle is None:
-            raise ExtensionError(f"{url} has no package/dist/mermaid.min.js")
+            raise ExtensionError(f"npm pack {spec}: the tarball has no package/dist/mermaid.min.js")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(bundle.read())
     return target
