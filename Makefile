@@ -10,10 +10,28 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OFFLINE := GOMP_SPINCOUNT=3000 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
 
-.PHONY: book test checks side unit notebooks determinism rehearsal floor translation offline bench clean
+.PHONY: book test unit notebooks determinism rehearsal floor translation offline bench clean \
+	test-chains t-nb-main t-unit t-translation t-floor t-rehearsal t-nb-side t-book t-offline t-determinism
 
 # Notebooks with cells marked `# NBVAL_CHECK_OUTPUT`: nbval runs their executed ci copies again and compares.
 DETERMINISM := $(notdir $(shell grep -l '"# NBVAL_CHECK_OUTPUT' notebooks/ch*.ipynb))
+
+# Every notebook the book executes, in the order `make notebooks` runs them.
+NB_ALL  := $(sort $(wildcard notebooks/ch*.ipynb)) $(sort $(wildcard notebooks/exercises/ch*.ipynb))
+# In `make test` these two long notebooks run on the second core once its chain of tests is done.
+NB_SIDE := notebooks/ch06_comparison.ipynb notebooks/ch07_selection.ipynb
+NB_MAIN := $(filter-out $(NB_SIDE),$(NB_ALL))
+
+RUN_NB          = $(OFFLINE) $(BIN)/python scripts/run_notebooks.py --profile ci
+BOOK_CMD        = $(OFFLINE) $(BIN)/python scripts/build_book.py -W --keep-going
+TRANSLATION_CMD = $(OFFLINE) $(BIN)/python scripts/i18n.py status --check
+OFFLINE_CMD     = $(BIN)/python scripts/check_offline.py
+UNIT_CMD        = $(OFFLINE) $(BIN)/python -m pytest tests -q
+DETERMINISM_CMD = cd _build/executed/ci && $(OFFLINE) $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider -o addopts= \
+		--rootdir=. --nbval-lax --nbval-cell-timeout=900 -q \
+		--nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg $(DETERMINISM)
+REHEARSAL_CMD   = $(OFFLINE) $(BIN)/python -m tests.rehearsal.run
+FLOOR_CMD       = PYTHON=$(PYTHON) scripts/floor_env.sh --test
 
 $(STAMP): requirements/lock.txt pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,47 +43,52 @@ $(STAMP): requirements/lock.txt pyproject.toml Makefile
 
 # Both editions; the notebooks run once (the jupyter-cache that `notebooks` fills serves both builds).
 book: $(STAMP)
-	$(OFFLINE) $(BIN)/python scripts/build_book.py -W --keep-going
+	$(BOOK_CMD)
 
 # Every page of the Chinese edition translated (100%, no fuzzy entry, code/math/numbers kept); diagrams current.
 translation: $(STAMP)
-	$(OFFLINE) $(BIN)/python scripts/i18n.py status --check
+	$(TRANSLATION_CMD)
 
 # Needs the built book: pages of both editions in headless Chromium with the network off.
 offline: book
-	$(BIN)/python scripts/check_offline.py
+	$(OFFLINE_CMD)
 
 unit: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest tests -q
+	$(UNIT_CMD)
 
 notebooks: $(STAMP)
-	$(OFFLINE) $(BIN)/python scripts/run_notebooks.py --profile ci
+	$(RUN_NB)
 
 # Needs the executed copies that `notebooks` writes; a second run of each, compared cell by cell where marked.
 determinism: notebooks
-	cd _build/executed/ci && $(OFFLINE) $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider -o addopts= \
-		--rootdir=. --nbval-lax --nbval-cell-timeout=900 -q \
-		--nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg $(DETERMINISM)
+	$(DETERMINISM_CMD)
 
 # Every notebook's gpu branch on this CPU: stand-in hub models and data sets, T4 float16 (and RTX bfloat16).
 rehearsal: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m tests.rehearsal.run
+	$(REHEARSAL_CMD)
 
 # The lowest versions pyproject.toml admits (requirements/floor.txt, .venv-floor/): unit tests + Chapter 5 rehearsal.
 floor:
-	PYTHON=$(PYTHON) scripts/floor_env.sh --test
+	$(FLOOR_CMD)
 
-# Two chains side by side on the two cores, each sequential and sharing no files with the other: the book's
-# checks (notebooks, both editions, the offline check, determinism), and the unit tests, the translation
-# check, the floor environment and the rehearsal.
+# Everything above, on the two cores. Two chains, each sequential:
+#   core 1: the notebooks except NB_SIDE
+#   core 2: the unit tests, the translation check, the floor environment, the rehearsal, then NB_SIDE
+# and, once both are done, both editions of the book, the offline check and the determinism check.
+# The chains write different executed notebooks; run_notebooks.py locks the shared jupyter-cache.
 test: $(STAMP)
-	$(MAKE) -j2 checks side
+	$(MAKE) -j2 test-chains
 
-checks: $(STAMP)
-	$(MAKE) -j1 notebooks book offline determinism
-
-side: $(STAMP)
-	$(MAKE) -j1 unit translation floor rehearsal
+test-chains: t-determinism
+t-nb-main: ; $(RUN_NB) $(NB_MAIN)
+t-unit: ; $(UNIT_CMD)
+t-translation: t-unit ; $(TRANSLATION_CMD)
+t-floor: t-translation ; $(FLOOR_CMD)
+t-rehearsal: t-floor ; $(REHEARSAL_CMD)
+t-nb-side: t-rehearsal ; $(RUN_NB) $(NB_SIDE)
+t-book: t-nb-main t-nb-side ; $(BOOK_CMD)
+t-offline: t-book ; $(OFFLINE_CMD)
+t-determinism: t-offline ; $(DETERMINISM_CMD)
 
 bench: $(STAMP)
 	$(OFFLINE) $(BIN)/python -m benchmarks

@@ -9,6 +9,10 @@ the sampled peak resident memory of each notebook's kernel. In the ``ci`` profil
 notebooks' default, so no parameter is injected) each executed notebook is also stored
 in the Jupyter Book execution cache, so the book build that follows re-uses it instead
 of running it a second time. Exit status 1 if any notebook fails.
+
+Two runs may share the output folder at the same time (``make test`` runs two subsets side by
+side): each writes its own executed copies, the cache is written under a file lock
+(``filelock``), and the CSV keeps the rows of notebooks the other run executed.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import papermill
 import psutil
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "_build" / ".jupyter_cache"  # same path as execute.cache in _config.yml
@@ -84,8 +89,28 @@ def store_in_book_cache(executed: Path, source: Path) -> None:
     for cell, done in zip(nb.cells, ran.cells):
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = done.outputs, done.execution_count
-    get_cache(str(CACHE)).cache_notebook_bundle(CacheBundleIn(nb, str(source.resolve())),
-                                                check_validity=False, overwrite=True)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(CACHE.parent / ".jupyter_cache.lock")):
+        get_cache(str(CACHE)).cache_notebook_bundle(CacheBundleIn(nb, str(source.resolve())),
+                                                    check_validity=False, overwrite=True)
+
+
+def write_runtimes(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` to the CSV at ``path``, keeping the rows of other notebooks already there.
+
+    A notebook run again replaces its old row; the file is rewritten under a file lock, so two
+    runs that finish together both keep their rows.
+    """
+    with FileLock(str(path) + ".lock"):
+        kept = {}
+        if path.is_file():
+            with open(path, newline="") as fh:
+                kept = {(r["notebook"], r["profile"]): r for r in csv.DictReader(fh)}
+        kept.update({(r["notebook"], r["profile"]): r for r in rows})
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(sorted(kept.values(), key=lambda r: (r["profile"], r["notebook"])))
 
 
 def gpu_timeout(nb: Path, floor: int = 900, factor: float = 3.0) -> int:
@@ -141,10 +166,7 @@ def main(argv=None) -> int:
                                                           + sorted((ROOT / "notebooks" / "exercises").glob("ch*.ipynb")))
     out_dir = args.out or ROOT / "_build" / "executed" / args.profile
     rows = run(notebooks, args.profile, out_dir, args.timeout)
-    with open(out_dir / "runtimes.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_runtimes(out_dir / "runtimes.csv", rows)
     failed = [r for r in rows if r["status"] != "ok"]
     total = sum(r["seconds"] for r in rows)
     print(f"{len(rows) - len(failed)}/{len(rows)} notebooks ran in the {args.profile} profile "
