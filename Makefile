@@ -29,8 +29,8 @@ OFFLINE_CMD     = $(BIN)/python scripts/check_offline.py
 UNIT_CMD        = $(OFFLINE) $(BIN)/python -m pytest tests -q
 DETERMINISM_CMD = cd _build/executed/ci && $(OFFLINE) $(CURDIR)/$(BIN)/python -m pytest -p no:cacheprovider -o addopts= \
 		--rootdir=. --nbval-lax --nbval-cell-timeout=900 -q \
-		--nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg $(DETERMINISM)
-REHEARSAL_CMD   = $(OFFLINE) $(BIN)/python -m tests.rehearsal.run
+		--nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg $(DETERMINISM) </dev/null
+REHEARSAL_CMD   = $(OFFLINE) $(BIN)/python -m tests.rehearsal.run </dev/null
 FLOOR_CMD       = PYTHON=$(PYTHON) scripts/floor_env.sh --test
 
 $(STAMP): requirements/lock.txt pyproject.toml Makefile
@@ -76,8 +76,9 @@ floor:
 #   core 2: the unit tests, the translation check, the floor environment, the rehearsal, then NB_SIDE
 # and, once both are done, both editions of the book, the offline check and the determinism check.
 # The chains write different executed notebooks; run_notebooks.py locks the shared jupyter-cache.
-# Standard input is /dev/null: with none at all (a closed descriptor, as some CI runners start
-# jobs), pytest's capture asserts on sys.__stdin__ when nbval starts a kernel.
+# Standard input is /dev/null here and in the nbval recipes (determinism, rehearsal): with none at
+# all (a closed descriptor, as some CI runners start jobs), pytest's capture asserts on
+# sys.__stdin__ when nbval starts a kernel.
 test: $(STAMP)
 	$(MAKE) -j2 test-chains </dev/null
 
